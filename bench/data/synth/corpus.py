@@ -1,0 +1,226 @@
+"""The synthetic corpus: all eight datasets' official files under one root.
+
+``root/<subdir>/`` holds one dataset each (subdirs below, the ``synth_subdir`` of each registered
+dataset) and ``root/corpus.json`` records scale, seed, generator version, per-dataset image counts
+and seconds. ``corpus.json`` is written last, so a root without it is partial.
+
+Determinism: dataset number ``i`` (its position in :data:`WRITERS`) draws from
+``np.random.default_rng([seed, i])`` only, so every dataset's files are the same whichever worker
+writes it, in whatever order, and whichever other datasets are generated alongside.
+Atomicity: each dataset is written into a hidden temporary directory under the root and renamed to
+its subdir when its writer returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from bench.data.parallel import run_jobs
+from bench.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Writer module key (``bench.data.synth.write_<key>``) -> dataset subdir in the corpus root.
+#: The order fixes each dataset's random stream; append new datasets at the end.
+WRITERS: dict[str, str] = {
+    "mimic_cxr": "mimic-cxr-jpg/2.0.0",
+    "chexpert": "CheXpert-v1.0-small",
+    "rsna": "rsna-pneumonia",
+    "siim": "siim-acr-pneumothorax",
+    "covidx": "covidx",
+    "object_cxr": "object-cxr",
+    "nih": "nih-chestxray14",
+    "iu_xray": "iu_xray",
+}
+#: Dataset registry key -> writer module key.
+DATASET_KEYS: dict[str, str] = {
+    "mimic-cxr": "mimic_cxr", "chexpert": "chexpert", "rsna": "rsna", "siim": "siim", "covidx": "covidx",
+    "object-cxr": "object_cxr", "nih": "nih", "iu-xray": "iu_xray",
+}
+SCALES = ("micro", "tiny", "small")
+CORPUS_FORMAT = 1
+MANIFEST_NAME = "corpus.json"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
+_TMP_MARK = ".tmp-"
+_LOCK_NAME = ".corpus.lock"
+
+
+def generator_version() -> str:
+    """``<corpus format>.<GENERATOR_VERSION of bench.data.synth.generate>`` (0 when it has none)."""
+    try:
+        gen = importlib.import_module("bench.data.synth.generate")
+        version = getattr(gen, "GENERATOR_VERSION", 0)
+    except ImportError:
+        version = 0
+    return f"{CORPUS_FORMAT}.{version}"
+
+
+def _count_images(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _write_one(root: str, key: str, index: int, scale: str, seed: int) -> dict:
+    """Run writer ``key`` into a temp dir under ``root`` and rename it to its subdir."""
+    module = importlib.import_module(f"bench.data.synth.write_{key}")
+    root_p = Path(root)
+    tmp = root_p / f".{key}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        cases = module.write(tmp, np.random.default_rng([seed, index]), scale)
+        seconds = time.perf_counter() - t0
+        images = _count_images(tmp)
+        final = root_p / WRITERS[key]
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"subdir": WRITERS[key], "images": images, "cases": len(cases), "seconds": round(seconds, 3)}
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Exclusive lock on the corpus root, so concurrent processes do not generate it twice."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / _LOCK_NAME, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _clean(root: Path, keys) -> None:
+    """Remove leftovers of an earlier generation: the marker, temp dirs, the given datasets."""
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+    for tmp in root.glob(f".*{_TMP_MARK}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for key in keys:
+        target = root / WRITERS[key]
+        if target.exists():
+            shutil.rmtree(target)
+        parent = target.parent
+        if parent != root and parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def read_corpus_manifest(root: str | Path) -> dict | None:
+    path = Path(root) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def corpus_of(dataset_root: str | Path) -> tuple[Path, dict] | None:
+    """(corpus root, corpus.json) when ``dataset_root`` is a dataset folder of a synthetic corpus,
+    so data given as ``--data DIR`` inside a synthetic corpus is still labelled synthetic."""
+    path = Path(dataset_root).expanduser().resolve()
+    for parent in list(path.parents)[:3]:
+        meta = read_corpus_manifest(parent)
+        if meta and path.relative_to(parent).as_posix() in WRITERS.values():
+            return parent, meta
+    return None
+
+
+def _is_complete(root: Path, scale: str, seed: int) -> bool:
+    meta = read_corpus_manifest(root)
+    if not meta:
+        return False
+    return (meta.get("scale") == scale and meta.get("seed") == seed and meta.get("version") == generator_version()
+            and set(meta.get("datasets", {})) == set(WRITERS)
+            and all((root / sub).is_dir() for sub in WRITERS.values()))
+
+
+def generate_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, datasets=None,
+                    workers: int = 2) -> dict:
+    """Write the synthetic corpus (all datasets, or the writer keys in ``datasets``) into ``root``.
+
+    Datasets are written in parallel over ``workers`` processes; ``corpus.json`` is written last
+    and returned: {format, version, scale, seed, datasets: {key: {subdir, images, cases, seconds}},
+    images, seconds, workers}.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    root = Path(root).expanduser().resolve()
+    keys = list(WRITERS) if datasets is None else [DATASET_KEYS.get(k, k) for k in datasets]
+    unknown = [k for k in keys if k not in WRITERS]
+    if unknown:
+        raise ValueError(f"unknown synthetic dataset(s) {unknown}; expected keys of {sorted(WRITERS)}")
+    with _locked(root):
+        meta = _generate_locked(root, scale, seed, keys, workers)
+    log.info("synthetic corpus (%s, seed %d): %d images in %.1fs -> %s", scale, seed, meta["images"],
+             meta["seconds"], root)
+    return meta
+
+
+def _generate_locked(root: Path, scale: str, seed: int, keys: list[str], workers: int) -> dict:
+    index = {k: i for i, k in enumerate(WRITERS)}
+    t0 = time.perf_counter()
+    prev = read_corpus_manifest(root) or {}
+    kept: dict[str, dict] = {}
+    if (prev.get("scale"), prev.get("seed"), prev.get("version")) == (scale, seed, generator_version()):
+        # datasets of the same corpus that are not regenerated now stay listed
+        kept = {k: v for k, v in prev.get("datasets", {}).items()
+                if k in WRITERS and k not in keys and (root / WRITERS[k]).is_dir()}
+    _clean(root, keys)
+    results: dict[str, dict] = {}
+    workers = max(1, int(workers))
+    jobs = [(str(root), k, index[k], scale, seed) for k in keys]
+    for i, result in run_jobs(_write_one, jobs, workers):
+        results[keys[i]] = result
+        log.info("synth %s: %d images in %.1fs", keys[i], result["images"], result["seconds"])
+    for tmp in root.glob(f".*{_TMP_MARK}*"):  # left by a worker that died (its job was rerun here)
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    meta = {"format": CORPUS_FORMAT, "version": generator_version(), "scale": scale, "seed": int(seed),
+            "datasets": {k: results.get(k, kept.get(k)) for k in WRITERS if k in results or k in kept},
+            "images": int(sum(r["images"] for r in results.values()) + sum(r["images"] for r in kept.values())),
+            "seconds": round(seconds, 3),
+            "workers": workers}
+    tmp = root / f".{MANIFEST_NAME}{_TMP_MARK}{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, root / MANIFEST_NAME)
+    return meta
+
+
+def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers: int = 2) -> Path:
+    """Return ``root`` holding a complete corpus of this scale, seed and generator version,
+    generating it first when absent, partial or different (a partial one is removed)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    root = Path(root).expanduser().resolve()
+    if _is_complete(root, scale, seed):
+        return root
+    with _locked(root):
+        if _is_complete(root, scale, seed):  # another process finished it while we waited
+            return root
+        meta = read_corpus_manifest(root)
+        if meta:
+            log.warning("synthetic corpus at %s is %s/seed %s/version %s; regenerating as %s/seed %d/version %s",
+                        root, meta.get("scale"), meta.get("seed"), meta.get("version"), scale, seed,
+                        generator_version())
+        elif any(root.iterdir()):
+            foreign = [p.name for p in root.iterdir() if p.name != _LOCK_NAME and not p.name.startswith(".")
+                       and p.name not in {s.split("/")[0] for s in WRITERS.values()}]
+            if foreign:
+                raise DataError(f"directory holds files that are not part of a synthetic corpus ({foreign[:5]}); "
+                                "refusing to generate into it", path=root)
+            log.warning("synthetic corpus at %s is partial (no %s); regenerating", root, MANIFEST_NAME)
+        meta = _generate_locked(root, scale, seed, list(WRITERS), workers)
+    log.info("synthetic corpus (%s, seed %d): %d images in %.1fs -> %s", scale, seed, meta["images"],
+             meta["seconds"], root)
+    return root

@@ -1,0 +1,100 @@
+"""Synthetic Object-CXR in the official JF Healthcare layout (datasets.md §6, §13).
+
+Writes ``train/00001.jpg ...`` and ``dev/08001.jpg ...`` (grey JPEGs of varied non-square
+sizes; counts scaled down, dev numbering kept from 08001), ``train.csv`` with the header
+``image_name,annotation`` and ``dev.csv`` with the ``image_path`` variant of the first column
+name. Annotations: ``0 x1 y1 x2 y2`` rectangle, ``1 x1 y1 x2 y2`` ellipse, ``2 x1 y1 ... xn yn``
+polygon, objects joined by ``;``, empty for an image without foreign objects. Half the images of
+each split have objects, and the first train image holds all three shape types.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.data.synth.case import DrawnCase, Lesion
+
+log = logging.getLogger(__name__)
+
+FINDING = "foreign_object"
+TYPE_CODES = {"rectangle": "0", "ellipse": "1", "polygon": "2"}
+#: scale -> (train images, dev images, (min side, max side)). Real images are ~2000-3000 px.
+SCALES: dict[str, tuple[int, int, tuple[int, int]]] = {
+    "micro": (16, 8, (80, 128)),
+    "tiny": (400, 100, (192, 288)),
+    "small": (1600, 400, (192, 288)),
+}
+DEV_FIRST = 8001
+JPEG_QUALITY = 95
+
+
+def objects(case: DrawnCase) -> list[Lesion]:
+    """The annotated foreign objects of a case (lesions with a shape)."""
+    return [lesion for lesion in case.lesions if lesion.finding == FINDING and lesion.shape is not None]
+
+
+def annotation(case: DrawnCase) -> str:
+    """The official annotation cell of a case ("" when it has no foreign object)."""
+    parts = []
+    for lesion in objects(case):
+        pts = np.asarray(lesion.shape.points, dtype=np.int64).reshape(-1, 2)
+        parts.append(" ".join([TYPE_CODES[lesion.shape.kind]] + [str(int(v)) for v in pts.ravel()]))
+    return ";".join(parts)
+
+
+def _draw(rng: np.random.Generator, n: int, sides: tuple[int, int]) -> list[DrawnCase]:
+    """n cases, alternately with and without foreign objects (first: all three shape kinds)."""
+    from bench.data.synth.generate import sample_case
+    from bench.data.synth.profiles import PROFILES
+
+    base = PROFILES["object_cxr"]
+    profiles = {True: base.forcing(present={FINDING}), False: base.forcing(absent={FINDING})}
+    all_kinds = set(TYPE_CODES)
+    cases = []
+    for i in range(n):
+        positive = i % 2 == 0
+        h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
+        for _ in range(300 if i == 0 else 20):
+            case = sample_case(rng, profiles[positive], h, w)
+            kinds = {o.shape.kind for o in objects(case)}
+            if (kinds >= all_kinds) if i == 0 else (bool(kinds) == positive):
+                break
+        else:
+            log.warning("object-cxr synth: could not draw the quirk case for slot %d", i)
+        cases.append(case)
+    order = rng.permutation(n - 1) + 1        # keep the all-kinds case first, shuffle the rest
+    return [cases[0]] + [cases[i] for i in order]
+
+
+def write(out_dir: Path, rng: np.random.Generator, scale: str) -> dict[str, DrawnCase]:
+    """Draw and write the Object-CXR fixture into ``out_dir``; returns {image name: case}."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
+    n_train, n_dev, sides = SCALES[scale]
+    train = _draw(rng, n_train, sides)
+    dev = _draw(rng, n_dev, sides)
+    return write_cases(out_dir, train, dev)
+
+
+def write_cases(out_dir: Path, train: list[DrawnCase], dev: list[DrawnCase]) -> dict[str, DrawnCase]:
+    """Write already drawn cases in the official layout; returns {image name: case}."""
+    out_dir = Path(out_dir)
+    written: dict[str, DrawnCase] = {}
+    for csv_name, folder, first, name_col, cases in (("train.csv", "train", 1, "image_name", train),
+                                                    ("dev.csv", "dev", DEV_FIRST, "image_path", dev)):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        with open(out_dir / csv_name, "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow([name_col, "annotation"])
+            for k, case in enumerate(cases):
+                name = f"{first + k:05d}.jpg"
+                Image.fromarray(case.image, mode="L").save(out_dir / folder / name, format="JPEG",
+                                                           quality=JPEG_QUALITY)
+                writer.writerow([name, annotation(case)])
+                written[name] = case
+    log.info("object-cxr synth: %d train + %d dev images in %s", len(train), len(dev), out_dir)
+    return written
