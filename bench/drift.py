@@ -1,0 +1,235 @@
+"""``python -m bench check``: re-run a small golden suite and compare it with ``results/golden/``.
+
+The suite (:data:`GOLDEN_CELLS`) runs the tiny preset on the synthetic corpus, on CPU, into a
+temporary results folder, so the committed results are never touched. For each cell the main
+metric and every other metric are compared with the golden file within an absolute tolerance
+(:data:`DEFAULT_TOLERANCE`, per metric in :data:`TOLERANCES`); the task version and split-manifest
+hash are compared too. Anything that moved, a missing golden file or a cell that cannot run makes
+the check fail (exit 1): a missing golden file is a failure, never a skip.
+
+``python -m bench check --update`` rewrites the golden files from a fresh run. That is a deliberate
+act: do it only when a change is *meant* to move the numbers (say so in the commit message), and
+review the diff of ``results/golden/`` before committing.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tabulate import tabulate
+
+from bench.api import RunSpec
+from bench.errors import BenchError
+from bench.paths import cache_dir, results_dir
+from bench.registry import RegistryError
+from bench.results import GOLDEN_DIRNAME, Result, ResultError, load_result, write_result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-4          # absolute; CPU runs of the tiny preset are deterministic
+TOLERANCES: dict[str, float] = {}  # metric name -> absolute tolerance (overrides the default)
+DEVICE = "cpu"                    # golden numbers are CPU numbers
+
+
+@dataclass(frozen=True)
+class GoldenCell:
+    method: str
+    task: str
+    fraction: float
+    seed: int = 0
+    preset: str = "tiny"
+
+    def spec(self) -> RunSpec:
+        return RunSpec(method=self.method, task=self.task, fraction=self.fraction, seed=self.seed,
+                       preset=self.preset, data="synth")
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}--{self.method}--{self.preset}-frac{self.fraction!r}-seed{self.seed}"
+
+
+# Small on purpose: the whole suite must stay within ~2-3 minutes on 2 CPU cores.
+GOLDEN_CELLS: tuple[GoldenCell, ...] = (
+    GoldenCell("random", "rsna-cls", 0.1),
+    GoldenCell("random", "rsna-cls", 1.0),
+    GoldenCell("random", "chexpert-cls", 1.0),
+)
+
+
+def golden_dir() -> Path:
+    return results_dir() / GOLDEN_DIRNAME
+
+
+def golden_path(cell: GoldenCell, root: Path | None = None) -> Path:
+    return (golden_dir() if root is None else Path(root)) / f"{cell.name}.json"
+
+
+@dataclass
+class Row:
+    cell: str
+    metric: str
+    golden: Any
+    now: Any
+    delta: float | None
+    tolerance: float | None
+    status: str                 # "ok" or an upper-case failure word
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" or self.status.startswith("ok ")
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    updated: list[Path] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if not r.ok]
+
+    def table(self) -> str:
+        def fmt(v: Any) -> str:
+            if v is None:
+                return "—"
+            if isinstance(v, float):
+                return "nan" if math.isnan(v) else f"{v:.6f}"
+            return str(v)
+
+        rows = [[r.cell, r.metric, fmt(r.golden), fmt(r.now),
+                 "—" if r.delta is None else f"{r.delta:+.2e}",
+                 "—" if r.tolerance is None else f"{r.tolerance:.0e}", r.status] for r in self.rows]
+        return tabulate(rows, headers=["cell", "metric", "golden", "now", "delta", "tolerance", "status"],
+                        tablefmt="simple", disable_numparse=True)
+
+
+def tolerance_for(metric: str, default: float | None = None) -> float:
+    return TOLERANCES.get(metric, DEFAULT_TOLERANCE if default is None else default)
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def compare(cell: str, golden: Result, now: Result, default_tolerance: float | None = None) -> list[Row]:
+    """Rows for one cell: identity checks, the main metric, failing metrics, a summary of the rest."""
+    rows: list[Row] = []
+    if golden.spec != now.spec:
+        diff = sorted(k for k in set(golden.spec) | set(now.spec) if golden.spec.get(k) != now.spec.get(k))
+        rows.append(Row(cell, "spec", ", ".join(diff), None, None, None, "SPEC DIFFERS"))
+    if golden.task_version != now.task_version:
+        rows.append(Row(cell, "task version", golden.task_version, now.task_version, None, None,
+                        "TASK VERSION CHANGED"))
+    if golden.manifest_sha256 != now.manifest_sha256:
+        rows.append(Row(cell, "split manifest sha256", str(golden.manifest_sha256)[:12],
+                        str(now.manifest_sha256)[:12], None, None, "MANIFEST CHANGED"))
+    if golden.main_metric != now.main_metric:
+        rows.append(Row(cell, "main metric", golden.main_metric, now.main_metric, None, None, "MAIN METRIC CHANGED"))
+    others_ok, others_max = 0, 0.0
+    for name in [golden.main_metric] + sorted((set(golden.metrics) | set(now.metrics)) - {golden.main_metric}):
+        g, n = _num(golden.metrics.get(name)), _num(now.metrics.get(name))
+        tol = tolerance_for(name, default_tolerance)
+        label = name + (" (main)" if name == golden.main_metric else "")
+        if name not in golden.metrics:
+            rows.append(Row(cell, label, None, n, None, tol, "NEW METRIC"))
+            continue
+        if name not in now.metrics:
+            rows.append(Row(cell, label, g, None, None, tol, "METRIC GONE"))
+            continue
+        if g is None or n is None:      # NaN is stored as null
+            same = g is None and n is None
+            delta = None
+        else:
+            delta = n - g
+            same = abs(delta) <= tol + 1e-12
+        if name == golden.main_metric or not same:
+            rows.append(Row(cell, label, g, n, delta, tol, "ok" if same else "MOVED"))
+        else:
+            others_ok += 1
+            others_max = max(others_max, abs(delta or 0.0))
+    if others_ok:
+        rows.append(Row(cell, f"({others_ok} other metrics)", None, None, others_max, None,
+                        "ok (max |delta| shown)"))
+    return rows
+
+
+@contextlib.contextmanager
+def isolated_cache() -> Iterator[Path]:
+    """A fresh temporary cache (image, feature and split caches are rebuilt by the current code), sharing
+    only the synthetic corpus with the normal cache, whose validity the data layer checks itself."""
+    shared_synth = cache_dir() / "synth"
+    shared_synth.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("MEDVLP_BENCH_CACHE")
+    with tempfile.TemporaryDirectory(prefix="medvlp-drift-cache-") as tmp:
+        (Path(tmp) / "synth").symlink_to(shared_synth.resolve(), target_is_directory=True)
+        os.environ["MEDVLP_BENCH_CACHE"] = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            if old is None:
+                os.environ.pop("MEDVLP_BENCH_CACHE", None)
+            else:
+                os.environ["MEDVLP_BENCH_CACHE"] = old
+
+
+def check(*, cells: Sequence[GoldenCell] | None = None, golden_root: Path | None = None,
+          tolerance: float | None = None, update: bool = False, device: str = DEVICE,
+          fresh_cache: bool = True) -> Report:
+    """Run the golden cells fresh and compare (or, with ``update``, rewrite the golden files).
+
+    With ``fresh_cache`` (default) the runs use an empty cache apart from the synthetic corpus, so a
+    feature or image cache written by older code cannot hide a change.
+    """
+    from bench import runner
+
+    cells = GOLDEN_CELLS if cells is None else tuple(cells)
+    golden_root = golden_dir() if golden_root is None else Path(golden_root)
+    report = Report()
+    t0 = time.perf_counter()
+    if not cells:
+        report.rows.append(Row("-", "-", None, None, None, None, "NO GOLDEN CELLS"))
+        return report
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="medvlp-drift-"))
+        if fresh_cache:
+            stack.enter_context(isolated_cache())
+        for cell in cells:
+            t1 = time.perf_counter()
+            try:
+                now, _, _ = runner.run(cell.spec(), device=device, force=True, results_root=Path(tmp))
+            except (BenchError, RegistryError) as e:
+                report.rows.append(Row(cell.name, "-", None, None, None, None, f"ERROR: {e}"))
+                continue
+            log.info("drift: %s ran in %.1f s", cell.name, time.perf_counter() - t1)
+            gpath = golden_path(cell, golden_root)
+            if update:
+                write_result(now, gpath, None)
+                report.updated.append(gpath)
+                report.rows.append(Row(cell.name, now.main_metric + " (main)", None, _num(now.main_value),
+                                       None, None, "ok (updated)"))
+                continue
+            if not gpath.exists():
+                report.rows.append(Row(cell.name, now.main_metric + " (main)", None, _num(now.main_value), None,
+                                       None, f"MISSING golden file {gpath} (create it with `python -m bench "
+                                             "check --update`)"))
+                continue
+            try:
+                golden = load_result(gpath)
+            except ResultError as e:
+                report.rows.append(Row(cell.name, "-", None, None, None, None, f"MALFORMED: {e}"))
+                continue
+            report.rows.extend(compare(cell.name, golden, now, tolerance))
+    report.wall_s = time.perf_counter() - t0
+    return report

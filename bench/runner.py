@@ -1,0 +1,224 @@
+"""Run one cell: (method, task, fraction, seed, preset, data) -> a result file.
+
+The order matters: everything that can refuse the run cheaply (unknown names, a capability
+mismatch, a bad override, a missing checkpoint, a result that is already current) is checked before
+the encoder is built or any data is prepared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import numbers
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import env
+from bench.api import METHODS, TASKS, MethodEntry, RunSpec, TaskEntry, TaskOutput
+from bench.errors import BenchError, CapabilityError, CheckpointError
+from bench.results import (
+    Result, find_existing, result_path, sha256_file, stale_reason, to_jsonable, write_result,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_registries() -> None:
+    """Importing the ``methods`` and ``tasks`` packages registers every method and task."""
+    import methods  # noqa: F401
+    import tasks  # noqa: F401
+
+
+def prepare_data(dataset: str, data: str, *, image_size: int, split_seed: int) -> Any:
+    """The data layer's ``prepare_dataset`` (imported lazily; tests replace this function)."""
+    from bench.data.prepare import prepare_dataset
+
+    return prepare_dataset(dataset, data, image_size=image_size, split_seed=split_seed)
+
+
+def missing_capabilities(method: MethodEntry, task: TaskEntry) -> list[str]:
+    return sorted(str(c) for c in task.requires - method.capabilities)
+
+
+def check_capabilities(method: MethodEntry, task: TaskEntry) -> None:
+    missing = missing_capabilities(method, task)
+    if missing:
+        have = ", ".join(sorted(str(c) for c in method.capabilities)) or "none"
+        raise CapabilityError(
+            f"method {method.name!r} cannot run task {task.name!r}: it lacks {', '.join(missing)} "
+            f"(task requires {', '.join(sorted(str(c) for c in task.requires))}; method has {have})")
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def normalise_spec(spec: RunSpec, task: TaskEntry) -> RunSpec:
+    """Validate protocol and overrides against the task; spell the default protocol as None and
+    the checkpoint as an absolute path, so equal runs have equal specs."""
+    changes: dict[str, Any] = {}
+    if spec.protocol is not None:
+        if spec.protocol not in task.protocols:
+            raise BenchError(f"task {task.name!r} has no protocol {spec.protocol!r} "
+                             f"(protocols: {', '.join(task.protocols) or 'none'})")
+        if task.protocols and spec.protocol == task.protocols[0]:
+            changes["protocol"] = None
+    settings = task.settings.get(spec.preset) or {}
+    if settings:
+        for key, _ in spec.overrides:
+            if key not in settings:
+                close = difflib.get_close_matches(key, list(settings), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise BenchError(f"task {task.name!r} (preset {spec.preset}) has no setting {key!r}{hint} "
+                                 f"(settings: {', '.join(sorted(settings))})")
+    if spec.overrides:
+        changes["overrides"] = tuple((k, _hashable(v)) for k, v in spec.overrides)
+    if spec.checkpoint is not None:
+        changes["checkpoint"] = str(Path(spec.checkpoint).expanduser().resolve())
+    if spec.data != "synth":
+        changes["data"] = str(Path(spec.data).expanduser().resolve())
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def checkpoint_sha256(checkpoint: str | None) -> str | None:
+    """sha256 of a checkpoint file, or of a directory's files (sorted relative names + contents)."""
+    if checkpoint is None:
+        return None
+    p = Path(checkpoint)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        return sha256_file(p)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _jsonable_or_repr(x: Any) -> Any:
+    try:
+        return to_jsonable(x)
+    except TypeError:
+        if isinstance(x, dict):
+            return {str(k): _jsonable_or_repr(v) for k, v in x.items()}
+        return repr(x)
+
+
+def _source_of(data: Any, spec: RunSpec, dataset: str) -> dict[str, Any]:
+    source = dict(getattr(data, "source", None) or {})
+    source.setdefault("kind", "synthetic" if spec.data == "synth" else "real")
+    source.setdefault("dataset", dataset)
+    if "manifest_sha256" not in source:
+        manifest = getattr(data, "manifest", None)
+        source["manifest_sha256"] = getattr(manifest, "sha256", None)
+    return source
+
+
+def _check_output(out: Any, task: TaskEntry) -> TaskOutput:
+    if not isinstance(out, TaskOutput):
+        raise TypeError(f"task {task.name!r} returned {type(out).__name__}, expected TaskOutput")
+    if task.main_metric not in out.metrics:
+        raise ValueError(f"task {task.name!r} did not report its main metric {task.main_metric!r} "
+                         f"(reported: {', '.join(sorted(out.metrics))})")
+    bad = [k for k in out.metrics if not isinstance(k, str) or "," in k]
+    if bad:
+        raise ValueError(f"task {task.name!r}: metric names must be plain strings, got {bad}")
+    not_numbers = sorted(k for k, v in out.metrics.items()
+                         if v is not None and not isinstance(v, numbers.Real))
+    if not_numbers:
+        raise ValueError(f"task {task.name!r}: metric values must be numbers (or None), not for {not_numbers}")
+    return out
+
+
+def describe_source(spec: RunSpec) -> str:
+    return "SYNTHETIC" if spec.data == "synth" else "REAL"
+
+
+def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = False,
+        results_root: Path | None = None) -> tuple[Result, Path, bool]:
+    """Run ``spec`` (or find its current result). Returns ``(result, path, skipped)``."""
+    load_registries()
+    task = TASKS.get(spec.task)
+    method = METHODS.get(spec.method)
+    check_capabilities(method, task)                      # before any work
+    spec = normalise_spec(spec, task)
+    ckpt_sha = checkpoint_sha256(spec.checkpoint)
+    path = result_path(spec, task, results_root)
+
+    existing: Result | None = None
+    if not force:
+        existing, why = find_existing(path)
+        if existing is not None:
+            reason = stale_reason(existing, spec=spec, task_version=task.version, checkpoint_sha256=ckpt_sha)
+            if reason:
+                log.info("stale result at %s: %s; re-running", path, reason)
+                existing = None
+        else:
+            log.debug("%s: %s", path, why)
+
+    dev = env.resolve_device(device)
+    env.set_determinism(spec.seed)
+    log.info("%s x %s: fraction %s, seed %d, preset %s, data %s, device %s", spec.task, spec.method,
+             spec.fraction, spec.seed, spec.preset, describe_source(spec), dev)
+    if spec.data == "synth":
+        log.info("data source: SYNTHETIC corpus (procedurally generated; pass --data ROOT for real data)")
+
+    encoder = method.factory(spec.preset, Path(spec.checkpoint) if spec.checkpoint else None, spec.seed)
+    card_missing = sorted(str(c) for c in task.requires - encoder.card.capabilities)
+    if card_missing:
+        raise CapabilityError(f"encoder of method {spec.method!r} (card {encoder.card.name!r}) lacks "
+                              f"{', '.join(card_missing)} required by task {task.name!r}")
+    data = prepare_data(task.dataset, spec.data, image_size=encoder.card.image_size, split_seed=spec.split_seed)
+    source = _source_of(data, spec, task.dataset)
+
+    if existing is not None:
+        reason = stale_reason(existing, spec=spec, task_version=task.version,
+                              manifest_sha256=source.get("manifest_sha256"), checkpoint_sha256=ckpt_sha)
+        if reason is None:
+            log.info("finished result exists, skipping (use --force to re-run): %s", path)
+            return existing, path, True
+        log.info("stale result at %s: %s; re-running", path, reason)
+
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    out = _check_output(task.run(encoder, data, spec, dev), task)
+    wall = time.perf_counter() - t0
+
+    settings = {**(task.settings.get(spec.preset) or {}), **dict(spec.overrides)}
+    main_ci = out.ci.get(task.main_metric)
+    result = Result(
+        spec=to_jsonable(spec.to_dict()),
+        task={
+            "name": task.name, "version": task.version, "family": task.family, "dataset": task.dataset,
+            "requires": sorted(str(c) for c in task.requires),
+            "protocol": spec.protocol or (task.protocols[0] if task.protocols else None),
+            "main_metric": task.main_metric, "higher_is_better": task.higher_is_better,
+            "settings": _jsonable_or_repr(settings),
+        },
+        dataset=task.dataset,
+        main_metric=task.main_metric,
+        main_value=out.metrics[task.main_metric],
+        main_ci=None if main_ci is None else [main_ci[0], main_ci[1]],
+        higher_is_better=task.higher_is_better,
+        metrics=dict(out.metrics),
+        ci={k: [v[0], v[1]] for k, v in out.ci.items()},
+        details=_jsonable_or_repr(out.details),
+        data_source=_jsonable_or_repr(source),
+        method_card=encoder.card.to_dict(),
+        checkpoint_sha256=ckpt_sha,
+        git=env.git_info(),
+        packages=env.package_versions(),
+        device=str(dev),
+        host=env.host_description(dev),
+        started_at=started_at,
+        wall_s=wall,
+    )
+    result = write_result(result, path, out.predictions)
+    log.info("wrote %s (%.1f s)", path, wall)
+    return result, path, False

@@ -1,0 +1,5 @@
+"""Importing this package registers every method in ``bench.api.METHODS`` (explicit list)."""
+from methods import (  # noqa: F401  (imported for registration)
+    imagenet,
+    random_init,
+)

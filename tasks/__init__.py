@@ -1,0 +1,4 @@
+"""Importing this package registers every task in ``bench.api.TASKS`` (explicit list)."""
+from tasks import (  # noqa: F401  (imported for registration)
+    classification,
+)
