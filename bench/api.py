@@ -1,6 +1,6 @@
 """Contracts between the engine, methods and tasks.
 
-* A **method** is a factory ``(preset, checkpoint, device) -> Encoder`` registered in ``METHODS``.
+* A **method** is a factory ``(preset, checkpoint, seed) -> Encoder`` registered in ``METHODS``.
 * An **Encoder** is an ``nn.Module`` with a frozen :class:`MethodCard` and the feature accessors
   below. Inputs are uint8 grayscale squares ``[B, 1, S, S]`` (S = ``card.image_size``) exactly as
   the image cache stores them; :meth:`Encoder.prepare` turns them into the normalised float tensor
@@ -112,7 +112,7 @@ class MethodEntry:
     """A registered method: a factory and a one-line description."""
 
     name: str
-    factory: Callable[..., Encoder]         # (preset: str, checkpoint: Path | None) -> Encoder
+    factory: Callable[..., Encoder]         # (preset: str, checkpoint: Path | None, seed: int) -> Encoder
     capabilities: frozenset[Capability]
     description: str
     needs_weights: bool = False             # True when no run is possible without a weights file

@@ -61,7 +61,7 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
                     if len(fields) != 4:
                         raise ValueError(f"{len(fields)} fields, expected 4 "
                                          "(patient_id filename class source, space-separated)")
-                    patient, filename, label, _source = fields
+                    patient, filename, label, source = fields
                     if label.lower() not in _CLASS_INDEX:
                         raise ValueError(f"unknown class {label!r}; expected one of {list(CLASSES)}")
                     if filename in seen:
@@ -83,7 +83,10 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
                     skipped += 1
                     continue
                 seen[filename] = (list_name, line)
-                rows.append({"image_id": filename, "image_path": str(image_path), "patient_id": patient,
+                # COVIDx pools sources whose patient ids overlap (small integers in several of them), so
+                # a patient is identified within its source.
+                rows.append({"image_id": filename, "image_path": str(image_path),
+                             "patient_id": f"{source}:{patient}",
                              "split": split, "height": height, "width": width})
                 class_index.append(_CLASS_INDEX[label.lower()])
 

@@ -19,7 +19,7 @@ from bench.data.synth.reports import chexpert_labels, nih_labels, write_report
 VIEWS = ("PA", "AP", "LATERAL")
 #: Bump whenever the same seed and profile would draw a different case (pixels, text or labels):
 #: cached synthetic corpora are keyed by it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def _choose(rng: np.random.Generator, weights: dict) -> str:

@@ -15,9 +15,11 @@ Labels are computed from the terms:
 * :func:`chexpert_labels`: the 14 CheXpert observations with the labeler's values (1.0 positive,
   -1.0 uncertain, 0.0 negated, nan unmentioned; a positive mention wins over an uncertain one,
   which wins over a negation). Our choices, following the CheXpert label hierarchy:
-  Lung Opacity is the strongest positive/uncertain state of its children (consolidation, edema,
-  atelectasis, covid ground glass, infiltration, fibrosis, nodule, mass, pneumonia; negated children
-  leave it unmentioned); Lung Lesion comes from nodule and mass; Pleural Other from pleural
+  Lung Opacity is the strongest positive/uncertain state of the terms the CheXpert labeler's own
+  opacity mention list covers (infiltrate, ground glass, reticular/fibrotic opacity; negated ones
+  leave it unmentioned). Like the real labeler, consolidation, edema and atelectasis do *not* set
+  it: the hierarchy is applied at evaluation time, not in the labels, and the CheXpert 5x200 rule
+  (one competition finding positive, Lung Opacity 0) depends on that. Lung Lesion comes from nodule and mass; Pleural Other from pleural
   thickening; Pneumonia only when the text says "pneumonia"; Enlarged Cardiomediastinum only when
   the text describes the cardiomediastinal silhouette (some cardiomegaly reports do, and some
   normal reports negate it); Fracture is only ever negated. No Finding is 1.0 iff no term other
@@ -84,11 +86,9 @@ _CHEXPERT_SOURCES: dict[str, tuple[str, ...]] = {
     "Pneumothorax": ("pneumothorax",),
     "Support Devices": ("support_devices",),
 }
-#: Children of Lung Opacity in the CheXpert hierarchy (plus our ground glass and fibrosis).
-LUNG_OPACITY_CHILDREN: tuple[str, ...] = (
-    "consolidation", "edema", "atelectasis", "covid", "infiltration", "fibrosis", "nodule", "mass",
-    "pneumonia",
-)
+#: Terms whose mentions the CheXpert labeler files under Lung Opacity (its "opacity", "infiltrate",
+#: "ground glass" phrases). Consolidation, edema and atelectasis have observations of their own.
+LUNG_OPACITY_CHILDREN: tuple[str, ...] = ("covid", "infiltration", "fibrosis")
 _STATE_VALUE = {POSITIVE: 1.0, UNCERTAIN: -1.0, NEGATIVE: 0.0}
 
 _NIH_SOURCES: dict[str, str] = {

@@ -102,6 +102,7 @@ def write_cases(out_dir: Path, train: list[DrawnCase], test: list[DrawnCase],
     """Write already drawn cases in the 9A layout; returns {file name: case}."""
     out_dir = Path(out_dir)
     written: dict[str, DrawnCase] = {}
+    patients_of_split: dict[str, set[tuple[str, str]]] = {"train": set(), "test": set()}
     for split, cases, n_dx in (("train", train, 2), ("test", test, 1)):
         folder = out_dir / split
         folder.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,12 @@ def write_cases(out_dir: Path, train: list[DrawnCase], test: list[DrawnCase],
             while True:
                 source = "stonybrook" if i < n_dx else str(rng.choice(SOURCES[label]))
                 patient, filename = _name(rng, source)
-                if filename not in written:
+                # The official lists keep a patient in one split; small "cohen" ids must not repeat
+                # across train and test.
+                other = patients_of_split["test" if split == "train" else "train"]
+                if filename not in written and (source, patient) not in other:
                     break
+            patients_of_split[split].add((source, patient))
             _save(folder / filename, case.image, rgb=bool(rng.random() < 0.25))
             lines.append(f"{patient} {filename} {label} {source}\n")
             written[filename] = case
