@@ -1,5 +1,6 @@
 """Importing this package registers every method in ``bench.api.METHODS`` (explicit list)."""
 from methods import (  # noqa: F401  (imported for registration)
     imagenet,
+    pixels,
     random_init,
 )
