@@ -104,16 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_all() -> str | None:
-    """Register methods, tasks and datasets; returns a note when the datasets are unavailable."""
+def _load_all() -> None:
+    """Register methods, tasks and datasets."""
     from bench import runner
 
     runner.load_registries()
-    try:
-        import bench.data.loaders  # noqa: F401
-    except ImportError as e:  # the data layer is still being written
-        return f"datasets unavailable ({e})"
-    return None
+    import bench.data.loaders  # noqa: F401  (registers the datasets)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -122,7 +118,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from bench.api import METHODS, TASKS
     from bench.data.spec import DATASETS
 
-    note = _load_all()
+    _load_all()
 
     def caps(cs: Any) -> str:
         return ", ".join(sorted(str(c) for c in cs)) or "-"
@@ -137,8 +133,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(tabulate(rows, headers=["name", "family", "dataset", "requires", "main metric", "version", "protocols"],
                    tablefmt="simple") if rows else "  (none registered)")
     print("\nDatasets")
-    if note:
-        print(f"  {note}")
     rows = [[n, s.synth_subdir, s.title] for n, s in DATASETS.items()]
     print(tabulate(rows, headers=["name", "synthetic subdir", "title"], tablefmt="simple")
           if rows else "  (none registered)")
@@ -243,18 +237,8 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
 
 def _add_data_group(sub: argparse._SubParsersAction) -> None:
-    try:
-        from bench.data.cli import add_data_commands
-    except ImportError as e:
-        log.debug("`data` commands unavailable: %s", e)
-        reason = str(e)
+    from bench.data.cli import add_data_commands
 
-        def unavailable(args: argparse.Namespace) -> int:
-            raise BenchError(f"`data` commands unavailable in this checkout: {reason}")
-
-        p = sub.add_parser("data", help="dataset commands (unavailable in this checkout)")
-        p.set_defaults(func=unavailable)
-        return
     add_data_commands(sub)
 
 

@@ -136,10 +136,6 @@ def _check_output(out: Any, task: TaskEntry) -> TaskOutput:
     return out
 
 
-def describe_source(spec: RunSpec) -> str:
-    return "SYNTHETIC" if spec.data == "synth" else "REAL"
-
-
 def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = False,
         results_root: Path | None = None) -> tuple[Result, Path, bool]:
     """Run ``spec`` (or find its current result). Returns ``(result, path, skipped)``."""
@@ -165,9 +161,7 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
     dev = env.resolve_device(device)
     env.set_determinism(spec.seed)
     log.info("%s x %s: fraction %s, seed %d, preset %s, data %s, device %s", spec.task, spec.method,
-             spec.fraction, spec.seed, spec.preset, describe_source(spec), dev)
-    if spec.data == "synth":
-        log.info("data source: SYNTHETIC corpus (procedurally generated; pass --data ROOT for real data)")
+             spec.fraction, spec.seed, spec.preset, spec.data, dev)
 
     encoder = method.factory(spec.preset, Path(spec.checkpoint) if spec.checkpoint else None, spec.seed)
     card_missing = sorted(str(c) for c in task.requires - encoder.card.capabilities)
@@ -176,6 +170,8 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
                               f"{', '.join(card_missing)} required by task {task.name!r}")
     data = prepare_data(task.dataset, spec.data, image_size=encoder.card.image_size, split_seed=spec.split_seed)
     source = _source_of(data, spec, task.dataset)
+    # The data layer decides the kind: a root inside a synthetic corpus is synthetic too.
+    log.info("data source: %s (%s)", str(source.get("kind", "unknown")).upper(), source.get("root", spec.data))
 
     if existing is not None:
         reason = stale_reason(existing, spec=spec, task_version=task.version,

@@ -32,6 +32,13 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.medvlp-deps-* && touch "$stamp"
 fi
 
+# The torchxrayvision wheel ships the publishers' real label files (no images): the test suite
+# checks our loaders against them. Installed without its dependencies; only its data/ is read.
+if ! "$VPY" -c "import importlib.util as u; assert u.find_spec('torchxrayvision')" 2>/dev/null; then
+  log "installing torchxrayvision 1.5.7 (real label files for the loader smoke tests)"
+  pipi --no-deps "torchxrayvision==1.5.7"
+fi
+
 # mmcv 2.1.0 has no wheel for torch 2.14: build it from the sdist with two fixes
 # (setuptools<82 for pkg_resources, C++20 for torch 2.14 headers) and cache the wheel.
 if ! "$VPY" -c "import mmcv, mmcv.ops" 2>/dev/null; then
