@@ -213,7 +213,7 @@ def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers:
             log.warning("synthetic corpus at %s is %s/seed %s/version %s; regenerating as %s/seed %d/version %s",
                         root, meta.get("scale"), meta.get("seed"), meta.get("version"), scale, seed,
                         generator_version())
-        elif any(root.iterdir()):
+        elif any(p.name != _LOCK_NAME for p in root.iterdir()):  # our own lock file is not content
             foreign = [p.name for p in root.iterdir() if p.name != _LOCK_NAME and not p.name.startswith(".")
                        and p.name not in {s.split("/")[0] for s in WRITERS.values()}]
             if foreign:

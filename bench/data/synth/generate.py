@@ -8,6 +8,9 @@ seed gives the same case bit for bit. Typical use::
 """
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import numpy as np
 
 from bench.data.synth.anatomy import Anatomy, draw_anatomy, render, to_uint8
@@ -15,6 +18,8 @@ from bench.data.synth.case import DrawnCase, Lesion
 from bench.data.synth.findings import SEVERITIES, FindingPlan, draw_findings, plan_finding
 from bench.data.synth.profiles import CORRELATIONS, SAMPLING_ORDER, CaseClass, FindingProfile
 from bench.data.synth.reports import chexpert_labels, nih_labels, write_report
+
+log = logging.getLogger(__name__)
 
 VIEWS = ("PA", "AP", "LATERAL")
 #: Bump whenever the same seed and profile would draw a different case (pixels, text or labels):
@@ -153,3 +158,22 @@ def lateral_of(rng: np.random.Generator, case: DrawnCase, height: int | None = N
         findings_text=case.findings_text, impression_text=case.impression_text,
         chexpert=dict(case.chexpert), nih=tuple(case.nih), view="LATERAL", sex=case.sex, age=case.age, meta=meta,
     )
+
+
+def draw_until(draw: Callable[[], DrawnCase], test: Callable[[DrawnCase], bool] | None,
+               tries: int = 200, what: str = "", initial: DrawnCase | None = None) -> DrawnCase:
+    """``draw()`` until ``test`` holds: at most ``tries`` cases are examined, ``initial`` (when
+    given) being the first, and the last one is kept if none passes.
+
+    The writers use it for the fixture's quirk slots (a CheXpert row with a -1.0 label, an RSNA
+    patient with two boxes...), so that each format quirk is in the files whatever the
+    prevalences. ``test=None`` draws once.
+    """
+    case = draw() if initial is None else initial
+    for _ in range(tries - 1):
+        if test is None or test(case):
+            return case
+        case = draw()
+    if test is not None and not test(case):
+        log.warning("synthetic writer: could not draw the quirk case %s in %d tries", what, tries)
+    return case

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.data.synth.case import CHEXPERT_OBSERVATIONS, DrawnCase
-from bench.data.synth.write_mimic_cxr import draw_until, label_code, save_jpeg, size_for, write_csv
+from bench.data.synth.write_mimic_cxr import label_code, save_jpeg, size_for, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def valid_labels(chexpert: dict[str, float]) -> dict[str, float]:
 def write(out_dir: Path, rng: np.random.Generator, scale: str) -> dict[str, DrawnCase]:
     """Write the CheXpert root into ``out_dir``; returns the drawn cases keyed by image_id
     (``train/patient00001/study1/view1_frontal.jpg``: ``Path`` without its first component)."""
-    from bench.data.synth.generate import lateral_of, sample_case
+    from bench.data.synth.generate import draw_until, lateral_of, sample_case
     from bench.data.synth.profiles import PROFILES
 
     if scale not in SCALES:

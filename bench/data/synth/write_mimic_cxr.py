@@ -15,7 +15,7 @@ impression only, findings only, neither (free text only), and a repeated IMPRESS
 last one is the real one). The returned cases' ``findings_text`` / ``impression_text`` are what
 the report holds (whitespace-normalised; "" for an omitted section).
 
-The small helpers (:func:`save_jpeg`, :func:`save_png`, :func:`write_csv`, :func:`draw_until`...)
+The small helpers (:func:`save_jpeg`, :func:`save_png`, :func:`write_csv`...)
 are shared with the CheXpert, NIH and IU X-ray writers.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ import logging
 import math
 import textwrap
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -120,23 +119,6 @@ def size_for(rng: np.random.Generator, hs: tuple[int, int], ws: tuple[int, int])
     return int(rng.integers(hs[0], hs[1] + 1)), int(rng.integers(ws[0], ws[1] + 1))
 
 
-def draw_until(draw: Callable[[], DrawnCase], test: Callable[[DrawnCase], bool] | None,
-               tries: int = 200, what: str = "") -> DrawnCase:
-    """``draw()`` until ``test`` holds (at most ``tries`` draws; the last one is kept otherwise).
-
-    Used for the fixture's quirk slots (e.g. a CheXpert row with a -1.0 label), so a quirk is in
-    the files whatever the prevalences; ``test=None`` draws once.
-    """
-    case = draw()
-    for _ in range(tries - 1):
-        if test is None or test(case):
-            return case
-        case = draw()
-    if test is not None and not test(case):
-        logger.warning("synthetic writer: could not draw the quirk case %s in %d tries", what, tries)
-    return case
-
-
 def normalize(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -211,7 +193,7 @@ def _report_shape(rng: np.random.Generator, study_index: int) -> str:
 
 def write(out_dir: Path, rng: np.random.Generator, scale: str) -> dict[str, DrawnCase]:
     """Write the MIMIC-CXR-JPG root into ``out_dir``; returns the drawn cases keyed by dicom_id."""
-    from bench.data.synth.generate import lateral_of, sample_case
+    from bench.data.synth.generate import draw_until, lateral_of, sample_case
     from bench.data.synth.profiles import PROFILES
 
     if scale not in SCALES:

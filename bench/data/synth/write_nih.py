@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.data.synth.case import NIH_LABELS, DrawnCase
-from bench.data.synth.write_mimic_cxr import draw_until, save_png, write_csv
+from bench.data.synth.write_mimic_cxr import save_png, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ _QUIRKS = {
 
 def write(out_dir: Path, rng: np.random.Generator, scale: str) -> dict[str, DrawnCase]:
     """Write the NIH root into ``out_dir``; returns the drawn cases keyed by Image Index."""
-    from bench.data.synth.generate import sample_case
+    from bench.data.synth.generate import draw_until, sample_case
     from bench.data.synth.profiles import PROFILES
 
     if scale not in SCALES:

@@ -48,7 +48,7 @@ def annotation(case: DrawnCase) -> str:
 
 def _draw(rng: np.random.Generator, n: int, sides: tuple[int, int]) -> list[DrawnCase]:
     """n cases, alternately with and without foreign objects (first: all three shape kinds)."""
-    from bench.data.synth.generate import sample_case
+    from bench.data.synth.generate import draw_until, sample_case
     from bench.data.synth.profiles import PROFILES
 
     base = PROFILES["object_cxr"]
@@ -58,14 +58,10 @@ def _draw(rng: np.random.Generator, n: int, sides: tuple[int, int]) -> list[Draw
     for i in range(n):
         positive = i % 2 == 0
         h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
-        for _ in range(300 if i == 0 else 20):
-            case = sample_case(rng, profiles[positive], h, w)
-            kinds = {o.shape.kind for o in objects(case)}
-            if (kinds >= all_kinds) if i == 0 else (bool(kinds) == positive):
-                break
-        else:
-            log.warning("object-cxr synth: could not draw the quirk case for slot %d", i)
-        cases.append(case)
+        kinds_of = lambda c: {o.shape.kind for o in objects(c)}  # noqa: E731
+        wanted = (lambda c: kinds_of(c) >= all_kinds) if i == 0 else (lambda c, p=positive: bool(kinds_of(c)) == p)
+        cases.append(draw_until(lambda p=profiles[positive], h=h, w=w: sample_case(rng, p, h, w), wanted,
+                                tries=300 if i == 0 else 20, what=f"object-cxr slot {i}"))
     order = rng.permutation(n - 1) + 1        # keep the all-kinds case first, shuffle the rest
     return [cases[0]] + [cases[i] for i in order]
 

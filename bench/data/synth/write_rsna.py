@@ -31,7 +31,7 @@ def opacity_boxes(case: DrawnCase) -> list[tuple[int, int, int, int]]:
 
 
 def _draw(rng: np.random.Generator, n: int, size: int) -> list[DrawnCase]:
-    from bench.data.synth.generate import sample_case
+    from bench.data.synth.generate import draw_until, sample_case
     from bench.data.synth.profiles import PROFILES
 
     profile = PROFILES["rsna"]
@@ -41,12 +41,8 @@ def _draw(rng: np.random.Generator, n: int, size: int) -> list[DrawnCase]:
     quirks = ((0, profile.forcing(absent={OPACITY}), lambda c: not opacity_boxes(c)),
               (n - 1, profile.forcing(present={OPACITY}), lambda c: len(opacity_boxes(c)) >= 2))
     for slot, forced, test in quirks:
-        for _ in range(100):
-            if test(cases[slot]):
-                break
-            cases[slot] = sample_case(rng, forced, size, size)
-        else:
-            log.warning("rsna synth: could not draw the quirk case for slot %d", slot)
+        cases[slot] = draw_until(lambda forced=forced: sample_case(rng, forced, size, size), test,
+                                 tries=101, what=f"rsna slot {slot}", initial=cases[slot])
     return cases
 
 

@@ -47,7 +47,7 @@ def instances(case: DrawnCase) -> list[np.ndarray]:
 
 
 def _draw(rng: np.random.Generator, n: int, size: int) -> list[DrawnCase]:
-    from bench.data.synth.generate import sample_case
+    from bench.data.synth.generate import draw_until, sample_case
     from bench.data.synth.profiles import PROFILES
 
     profile = PROFILES["siim"]
@@ -58,12 +58,8 @@ def _draw(rng: np.random.Generator, n: int, size: int) -> list[DrawnCase]:
     quirks = ((0, negative, lambda c: not instances(c)), (1, negative, lambda c: not instances(c)),
               (n - 1, positive, lambda c: len(instances(c)) >= 2))
     for slot, forced, test in quirks:
-        for _ in range(100):
-            if test(cases[slot]):
-                break
-            cases[slot] = sample_case(rng, forced, size, size)
-        else:
-            log.warning("siim synth: could not draw the quirk case for slot %d", slot)
+        cases[slot] = draw_until(lambda forced=forced: sample_case(rng, forced, size, size), test,
+                                 tries=101, what=f"siim slot {slot}", initial=cases[slot])
     return cases
 
 
