@@ -67,6 +67,7 @@ from bench import metrics as M
 from bench.api import TASKS, Capability, Encoder, RunSpec, TaskEntry, TaskOutput
 from bench.errors import BenchError, DataError
 from bench.paths import cache_dir
+from bench.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ def extract_features(encoder: Encoder, data: Any, rows: np.ndarray, device: torc
     encoder.eval()
     out = np.empty((len(rows), encoder.card.embed_dim), dtype=np.float32)
     try:
-        for start in range(0, len(rows), batch_size):
+        for start in progress(range(0, len(rows), batch_size), f"extracting {encoder.card.name} features",
+                              unit="batch"):
             sl = slice(start, start + batch_size)
             with _autocast(device):
                 pooled = encoder.image_features(_to_input(encoder, _images(data, rows[sl]), device)).pooled
@@ -586,7 +588,7 @@ def fit_linear_head(batch_features: Callable[[np.ndarray, int], torch.Tensor], n
     bad = 0
     epoch = 0
     stop_reason = "max_epochs"
-    for epoch in range(1, int(settings["max_epochs"]) + 1):
+    for epoch in progress(range(1, int(settings["max_epochs"]) + 1), "linear head", unit="epoch"):
         head.train()
         perm = torch.randperm(n_train, generator=g_shuffle).numpy()
         total, count = 0.0, 0
@@ -709,7 +711,7 @@ def _predict_logits(model: _Classifier, data: Any, rows: np.ndarray, device: tor
     """float32 CPU logits of plain (un-augmented) images, model in eval mode."""
     model.eval()
     out = []
-    for start in range(0, len(rows), batch_size):
+    for start in progress(range(0, len(rows), batch_size), "predicting", unit="batch"):
         with _autocast(device):
             logits = model(_to_input(model.encoder, _images(data, rows[start:start + batch_size]), device))
         out.append(logits.float().cpu())
@@ -768,7 +770,7 @@ def run_fine_tune(encoder: Encoder, data: Any, spec: RunSpec, device: torch.devi
         model.train()
         perm = torch.randperm(n_train, generator=g_shuffle).numpy()
         total, count = 0.0, 0
-        for start in range(0, n_train, bs):
+        for start in progress(range(0, n_train, bs), f"fine-tune epoch {epoch}", unit="batch"):
             if step >= total_steps:
                 break
             idx = perm[start:start + bs]

@@ -208,3 +208,15 @@ def test_small_pools_keep_training_data():
     one = toy_table(1)
     m1 = build_splits(one, SplitProtocol(), seed=0)
     assert len(m1.rows("train")) == len(one) and len(m1.rows("test")) == 0
+
+
+def test_skipped_rows_are_recorded_in_the_manifest(tmp_path):
+    t = toy_table(100)
+    clean = build_splits(t, SplitProtocol(), seed=0)
+    skipped = build_splits(replace(t, skipped_rows=3), SplitProtocol(), seed=0)
+    assert clean.skipped_rows == 0 and skipped.skipped_rows == 3
+    assert skipped.sha256 != clean.sha256          # a partial dataset never passes for the full one
+    path = skipped.write(tmp_path / "m.csv")
+    assert '"skipped_rows": 3' in path.read_text().splitlines()[0]
+    back = SplitManifest.read(path)
+    assert back.skipped_rows == 3 and back.sha256 == skipped.sha256

@@ -88,6 +88,9 @@ class SplitManifest:
     seed: int
     protocol: dict
     _frame: pd.DataFrame = field(repr=False)
+    #: Malformed source rows left out under ``skip_bad`` (recorded so a result built on a partial
+    #: dataset says so). Part of the hash when non-zero.
+    skipped_rows: int = 0
     sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,7 @@ class SplitManifest:
         object.__setattr__(self, "_frame", frame)
         object.__setattr__(self, "protocol", _canonical_protocol(self.protocol))
         object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "skipped_rows", int(self.skipped_rows))
         object.__setattr__(self, "_split", frame["split"].to_numpy(dtype=object))
         object.__setattr__(self, "_minf", frame["min_fraction"].to_numpy(dtype=np.float64))
         object.__setattr__(self, "sha256", hashlib.sha256(self._canonical_bytes()).hexdigest())
@@ -120,12 +124,14 @@ class SplitManifest:
     def _canonical_bytes(self) -> bytes:
         head = "\n".join((MANIFEST_FORMAT, str(MANIFEST_VERSION), self.dataset, str(self.seed),
                           json.dumps(self.protocol, sort_keys=True, separators=(",", ":"))))
+        if self.skipped_rows:  # appended only when non-zero: manifests of clean data keep their hash
+            head += f"\nskipped_rows={self.skipped_rows}"
         return (head + "\n" + self.csv_text()).encode("utf-8")
 
     def header(self) -> dict:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dataset": self.dataset,
                 "seed": self.seed, "protocol": self.protocol, "sha256": self.sha256,
-                "sizes": self.sizes()}
+                "sizes": self.sizes(), "skipped_rows": self.skipped_rows}
 
     def write(self, path: str | Path) -> Path:
         """Write ``# <json header>`` then the canonical CSV, atomically (temp file + rename)."""
@@ -163,7 +169,8 @@ class SplitManifest:
         if list(frame.columns) != list(MANIFEST_COLUMNS):
             raise DataError(f"manifest columns {list(frame.columns)} != {list(MANIFEST_COLUMNS)}", path=path, line=2)
         frame["min_fraction"] = frame["min_fraction"].map(lambda v: float(v) if v != "" else np.nan)
-        manifest = cls(str(head["dataset"]), int(head["seed"]), head["protocol"], frame)
+        manifest = cls(str(head["dataset"]), int(head["seed"]), head["protocol"], frame,
+                       skipped_rows=int(head.get("skipped_rows", 0)))
         if head.get("sha256") != manifest.sha256:
             raise DataError(f"split manifest content does not match its header sha256 "
                             f"({head.get('sha256')} != {manifest.sha256}); it was edited or truncated", path=path)
@@ -370,7 +377,7 @@ def build_splits(table: CanonicalTable, protocol: SplitProtocol, seed: int = 0,
 
     out = pd.DataFrame({"image_id": image_ids, "patient_id": frame["patient_id"].to_numpy(dtype=object),
                         "split": split, "min_fraction": min_fraction})
-    manifest = SplitManifest(table.dataset, seed, protocol, out)
+    manifest = SplitManifest(table.dataset, seed, protocol, out, skipped_rows=table.skipped_rows)
     log.debug("%s: splits %s (sha256 %s)", table.dataset, manifest.sizes(), manifest.sha256[:12])
     return manifest
 
