@@ -78,12 +78,12 @@ def read_image(path: str | Path) -> np.ndarray:
     return img
 
 
-def probe_image(path: str | Path) -> tuple[int, int]:
-    """Read only an image's header; return its (height, width). Raises DataError like read_image.
+def image_size(path: str | Path, *, verify: bool = False) -> tuple[int, int]:
+    """(height, width) from an image's header, without decoding pixels. Raises DataError like
+    read_image for a missing or unreadable file.
 
-    Used by ``data verify`` to check every file cheaply: Pillow parses the header and verifies the
-    chunk structure without decoding pixels; DICOM files are parsed without their pixel data and
-    must declare Rows, Columns and a Pixel Data element.
+    Loaders call it for every listed image. With ``verify`` (``data verify``), Pillow also checks
+    the file's chunk structure, and a DICOM file must declare a Pixel Data element.
     """
     path = Path(path)
     if not path.is_file():
@@ -92,17 +92,23 @@ def probe_image(path: str | Path) -> tuple[int, int]:
         if is_dicom(path):
             # defer_size: large values (the pixels) are skipped over, not read.
             ds = _dcmread(path, defer_size="4 KB")
-            if "PixelData" not in ds and "FloatPixelData" not in ds:
+            if verify and "PixelData" not in ds and "FloatPixelData" not in ds:
                 raise DataError("DICOM file has no Pixel Data element", path=path)
             return int(ds.Rows), int(ds.Columns)
         with Image.open(path) as im:
             w, h = im.size
-            im.verify()
+            if verify:
+                im.verify()
         return h, w
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"cannot read image header: {type(exc).__name__}: {exc}", path=path) from exc
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """:func:`image_size` with structural checks: how ``data verify`` checks every file cheaply."""
+    return image_size(path, verify=True)
 
 
 def _scale_to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -18,10 +18,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
 from bench.data.table import CanonicalTable, make_frame
+from bench.data.images import image_size
 from bench.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,8 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
                     if not image_path.is_file():
                         raise ValueError(f"image {folder}/{filename} not found")
                     try:
-                        with Image.open(image_path) as im:
-                            width, height = im.size
-                    except Exception as exc:  # noqa: BLE001 - unreadable image header
+                        height, width = image_size(image_path)
+                    except DataError as exc:
                         raise ValueError(f"unreadable image {folder}/{filename} ({exc})") from None
                 except ValueError as exc:
                     if not skip_bad:

@@ -17,12 +17,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bench.data.loaders.chexpert import read_csv_rows, require_root
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
 from bench.data.synth.case import NIH_LABELS
 from bench.data.table import EMPTY_BOXES, CanonicalTable, make_frame
+from bench.data.images import image_size
 from bench.errors import DataError, MissingDataError
 
 logger = logging.getLogger(__name__)
@@ -243,13 +243,7 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
 
 def _png_size(path: Path) -> tuple[int, int] | None:
     """(height, width) from the image header, or None when the image is absent (partial download)."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise DataError(f"cannot read image header: {exc}", path=path) from exc
+    return image_size(path) if path.is_file() else None
 
 
 SPEC = register_dataset(DatasetSpec(

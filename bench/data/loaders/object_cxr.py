@@ -18,11 +18,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from bench.data.shapes import bounding_box, rasterize
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
 from bench.data.table import EMPTY_BOXES, CanonicalTable, encode_mask, make_frame
+from bench.data.images import image_size
 from bench.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,8 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
                     if not image_path.is_file():
                         raise ValueError(f"image {folder}/{image_id} not found")
                     try:
-                        with Image.open(image_path) as im:
-                            width, height = im.size
-                    except Exception as exc:  # noqa: BLE001 - unreadable image header
+                        height, width = image_size(image_path)
+                    except DataError as exc:
                         raise ValueError(f"unreadable image {image_path} ({exc})") from None
                     for kind, pts in shapes:
                         if pts.min() < 0 or pts[:, 0].max() > width or pts[:, 1].max() > height:
