@@ -134,6 +134,16 @@ def _int_or_missing(value: str, column: str, path: Path, line: int) -> int:
     return int(f)
 
 
+def _new_dicom_id(value: str, first_line: dict[str, int], path: Path, line: int) -> str:
+    """The row's dicom_id; DataError when it is empty or already listed in this file."""
+    dicom = value.strip()
+    if not dicom:
+        raise DataError("empty dicom_id", path=path, line=line)
+    if dicom in first_line:
+        raise DataError(f"duplicate dicom_id {dicom!r} (first at line {first_line[dicom]})", path=path, line=line)
+    return dicom
+
+
 def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
     """Read the three CSVs and the reports of a MIMIC-CXR-JPG 2.0.0 root (``.csv`` or ``.csv.gz``)."""
     root = require_root(root, "the MIMIC-CXR-JPG 2.0.0 folder holding mimic-cxr-2.0.0-{metadata,split,chexpert}.csv.gz and files/")
@@ -158,11 +168,7 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
     for line, f in split_rows.rows:
         dicom = ""
         try:
-            dicom = f[sc["dicom_id"]].strip()
-            if not dicom:
-                raise DataError("empty dicom_id", path=split_path, line=line)
-            if dicom in split_of:
-                raise DataError(f"duplicate dicom_id {dicom!r} (first at line {split_line[dicom]})", path=split_path, line=line)
+            dicom = _new_dicom_id(f[sc["dicom_id"]], split_line, split_path, line)
             value = f[sc["split"]].strip()
             if value not in SPLIT_VALUES:
                 raise DataError(f"split {value!r} is not one of train/validate/test", path=split_path, line=line)
@@ -201,11 +207,7 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
     unlabelled = np.full(len(CHEXPERT_OBSERVATIONS), np.nan, dtype=np.float32)
     for line, f in meta_rows.rows:
         try:
-            dicom = f[mc["dicom_id"]].strip()
-            if not dicom:
-                raise DataError("empty dicom_id", path=meta_path, line=line)
-            if dicom in seen:
-                raise DataError(f"duplicate dicom_id {dicom!r} (first at line {seen[dicom]})", path=meta_path, line=line)
+            dicom = _new_dicom_id(f[mc["dicom_id"]], seen, meta_path, line)
             subject = _digits(f[mc["subject_id"]], "subject_id", meta_path, line)
             study = _digits(f[mc["study_id"]], "study_id", meta_path, line)
             height = _int_or_missing(f[mc["Rows"]], "Rows", meta_path, line)
