@@ -5,6 +5,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,9 +107,13 @@ def test_unreadable_image_fails_the_build_naming_the_file(tmp_path):
     table = hand_table(tmp_path / "ds", n=8)
     bad = Path(table.frame["image_path"].iat[6])
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(DataError, match=bad.name):  # raised in a worker process, re-raised here
+    with pytest.raises(DataError, match=bad.name):  # found in a worker process, reported here
         ImageCache.open_or_build(table, 16, workers=2, chunk_size=2, progress=False, min_parallel_rows=0)
-    assert not any((tmp_path / "cache" / "images").iterdir())
+    # no finished cache; the partial build keeps the 7 decoded rows for a rerun
+    final = ImageCache.location(table, 16)
+    assert not final.exists()
+    done = np.load(ImageCache.partial_location(final) / "done.npy")
+    assert done.tolist() == [1, 1, 1, 1, 1, 1, 2, 1]
     bad.unlink()
     with pytest.raises(DataError, match=bad.name):
         ImageCache.open_or_build(table, 16, workers=1, progress=False)
@@ -155,7 +160,7 @@ def test_cache_reused_then_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
     assert ImageCache.open_or_build(table, 16, workers=1, progress=False).array.shape == (8, 16, 16)
 
 
-def test_interrupted_build_leaves_no_finished_cache(tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_finished_cache_and_resumes(tmp_path, monkeypatch):
     table = hand_table(tmp_path / "ds", n=10)
     images_dir = tmp_path / "cache" / "images"
     calls = {"n": 0}
@@ -169,11 +174,23 @@ def test_interrupted_build_leaves_no_finished_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_mod, "read_image", flaky)
     with pytest.raises(KeyboardInterrupt):
-        ImageCache.open_or_build(table, 24, workers=1, progress=False)
-    assert list(images_dir.iterdir()) == []  # neither a finished cache nor a temp dir
+        ImageCache.open_or_build(table, 24, workers=1, chunk_size=2, progress=False)
+    final = ImageCache.location(table, 24)
+    assert not final.exists()  # never a finished cache from an interrupted build
+    assert sorted(p.name for p in images_dir.iterdir() if p.name != ".locks") == [f".{final.name}.partial"]
+    # the resumed build decodes only the rows the two finished chunks did not hold
+    decoded: list[str] = []
+    monkeypatch.setattr(cache_mod, "read_image", lambda p: (decoded.append(str(p)), real(p))[1])
+    resumed = ImageCache.open_or_build(table, 24, workers=1, chunk_size=2, progress=False)
+    assert decoded == [str(p) for p in table.frame["image_path"].iloc[4:]]
+    assert resumed.meta["resumed_rows"] == 4 and resumed.meta["decoded_rows"] == 6
+    for i, p in enumerate(table.frame["image_path"]):
+        np.testing.assert_array_equal(resumed.array[i], letterbox(real(p), 24)[0])
+        np.testing.assert_allclose(resumed.geometry[i], letterbox(real(p), 24)[1].to_array())
     monkeypatch.setattr(cache_mod, "read_image", real)
+    shutil.rmtree(final)
 
-    # A process killed mid-build leaves only its hidden temp dir: never opened, later removed.
+    # A process of the previous format killed mid-build left a hidden temp dir: never opened, removed.
     final = ImageCache.location(table, 24)
     stale = final.parent / f".{final.name}.tmp-999999999-dead"
     stale.mkdir(parents=True)
@@ -198,22 +215,35 @@ def test_killed_build_process_leaves_no_finished_cache(tmp_path):
         c.read_image = slow
         frame = pd.read_pickle({str(tmp_path / 'frame.pkl')!r})
         t = CanonicalTable("hand", Path({str(tmp_path / 'ds')!r}), frame, ("x",), np.zeros((len(frame), 1), np.float32))
-        c.ImageCache.open_or_build(t, 24, workers=1, progress=False)
+        c.ImageCache.open_or_build(t, 24, workers=1, chunk_size=4, progress=False)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path)
     images_dir = tmp_path / "cache" / "images"
-    deadline = time.time() + 30
-    while time.time() < deadline and not (images_dir.is_dir() and any(images_dir.iterdir())):
-        time.sleep(0.05)
-    time.sleep(0.3)
+    done_file = ImageCache.partial_location(ImageCache.location(table, 24)) / "done.npy"
+
+    def n_done() -> int:
+        try:
+            return int((np.load(done_file, mmap_mode="r") == 1).sum())
+        except (OSError, ValueError, EOFError):  # not created yet
+            return 0
+
+    deadline = time.time() + 60
+    while time.time() < deadline and n_done() < 8:  # killed after two chunks at least, mid-build
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    left = list(images_dir.iterdir())
-    assert left and all(p.name.startswith(".") and ".tmp-" in p.name for p in left), left
-    assert not ImageCache.location(table, 24).exists()
+    left = sorted(p.name for p in images_dir.iterdir())
+    final = ImageCache.location(table, 24)
+    assert left == [f".{final.name}.partial", ".locks"], left  # only hidden entries
+    assert not final.exists()
+    done_before = int((np.load(ImageCache.partial_location(final) / "done.npy") == 1).sum())
+    assert done_before < 40
     cache = ImageCache.open_or_build(table, 24, workers=2, chunk_size=8, progress=False, min_parallel_rows=0)
-    assert len(cache) == 40 and [p.name for p in images_dir.iterdir()] == [cache.path.name]
+    assert len(cache) == 40 and [p.name for p in images_dir.iterdir() if p.name != ".locks"] == [cache.path.name]
+    assert cache.meta["resumed_rows"] == done_before and cache.meta["decoded_rows"] == 40 - done_before
+    for i, p in enumerate(table.frame["image_path"]):
+        np.testing.assert_array_equal(cache.array[i], letterbox(read_image(p), 24)[0])
 
 
 # -- corpus machinery with stand-in writers ----------------------------------------------------------
@@ -444,7 +474,6 @@ ALL_DATASETS = ("mimic-cxr", "chexpert", "rsna", "siim", "covidx", "object-cxr",
 
 @pytest.fixture(scope="module")
 def micro_corpus(tmp_path_factory):
-    pytest.importorskip("bench.data.synth.generate", reason="the synthetic generator is not written yet")
     root = tmp_path_factory.mktemp("corpus") / "micro"
     t0 = time.perf_counter()
     meta = corpus_mod.generate_corpus(root, "micro", 0, workers=2)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.data.synth.corpus import DEFAULT_SCALE, SCALES
 from bench.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def _add_source(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--root", type=Path, default=None, help="dataset root holding the official files")
     src.add_argument("--data", default=None, help="'synth' for the SYNTHETIC corpus, or a dataset root")
-    p.add_argument("--scale", choices=("micro", "tiny", "small"), default="tiny",
+    p.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE,
                    help="synthetic corpus scale (with --data synth; default tiny)")
     p.add_argument("--synth-seed", type=int, default=0, help="synthetic corpus seed (with --data synth)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level splits (default 0)")
@@ -71,6 +72,62 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 # -- data summary --------------------------------------------------------------------------------------
+#: Label-space function names in tasks.classification before they moved to bench.data.labels.
+_OLD_LABEL_FUNCS = {"chexpert": "chexpert_labels", "rsna": "rsna_labels", "covidx": "covidx_labels",
+                    "nih": "nih_labels"}
+
+
+def task_label_space(table):
+    """The dataset's classification label space (targets, rows kept, policy), or None.
+
+    Imported lazily: the label spaces live in ``bench.data.labels``; the fallback to their former
+    place in ``tasks.classification`` is for working trees from before the move."""
+    try:
+        from bench.data.labels import LABEL_SPACES
+
+        fn = LABEL_SPACES.get(table.dataset)
+    except ImportError:
+        import importlib
+
+        fn = getattr(importlib.import_module("tasks.classification"), _OLD_LABEL_FUNCS.get(table.dataset, ""), None)
+    return None if fn is None else fn(table)
+
+
+def split_label_counts(table, manifest) -> dict:
+    """Per split and label fraction (``train@0.01`` ... ``test``): rows, images the task uses,
+    their patients, and patients with at least one positive image per main label.
+
+    Main labels are the dataset's classification label space after its policy and row filter
+    (CheXpert: 5 competition labels, U-ones/U-zeros, frontal only); datasets without one count
+    their raw labels (code 1) over every row."""
+    space = task_label_space(table)
+    if space is None:
+        classes = tuple(table.classes)
+        positive = np.asarray(table.labels) == 1
+        keep = np.ones(len(table), dtype=bool)
+        policy = "no classification task: raw label code 1, every row"
+    else:
+        classes, keep, policy = tuple(space.classes), np.asarray(space.keep, dtype=bool), space.policy
+        targets = np.asarray(space.targets)
+        if space.kind == "multiclass":
+            positive = targets[:, None] == np.arange(len(classes))[None, :]
+        else:
+            positive = targets == 1
+    patients = table.frame["patient_id"].to_numpy(dtype=object)
+    out = {}
+    for key in manifest.sizes():
+        split, _, frac = key.partition("@")
+        if split not in ("train", "val", "test"):
+            continue
+        rows = manifest.rows(split, float(frac) if frac else 1.0)
+        used = rows[keep[rows]]
+        out[key] = {"rows": int(len(rows)), "images": int(len(used)),
+                    "patients": int(len(set(patients[used]))),
+                    "positive_patients": {c: int(len(set(patients[used[positive[used, j]]])))
+                                          for j, c in enumerate(classes)}}
+    return {"classes": list(classes), "policy": policy, "splits": out}
+
+
 def summarize(spec, root: Path, kind: str, table, split_seed: int = 0, skip_bad: bool = False) -> dict:
     """Counts of a loaded dataset and its split manifest (the ``data summary`` numbers)."""
     from bench.data.splits import build_splits
@@ -93,6 +150,7 @@ def summarize(spec, root: Path, kind: str, table, split_seed: int = 0, skip_bad:
         "mask_pixels": int(sum(table.mask_area(i) for i in range(len(table)))) if table.has_masks else 0,
         "images_with_masks": int(sum(m is not None for m in table.masks)) if table.has_masks else 0,
         "splits": manifest.sizes(),
+        "split_labels": split_label_counts(table, manifest),
         "split_seed": int(split_seed),
         "manifest_sha256": manifest.sha256,
         "skipped_rows": int(table.skipped_rows),
@@ -120,6 +178,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
                      ["label", "positive", "uncertain"])
     print()
     _print_table([[k, v] for k, v in s["splits"].items()], [f"split (seed {s['split_seed']})", "images"])
+    per = s["split_labels"]
+    if per["splits"]:
+        print()
+        keys = list(per["splits"])
+        rows = [[what] + [per["splits"][k][field] for k in keys]
+                for what, field in (("rows", "rows"), ("images used", "images"), ("patients", "patients"))]
+        rows += [[f"{c}: positive patients"] + [per["splits"][k]["positive_patients"][c] for k in keys]
+                 for c in per["classes"]]
+        _print_table(rows, [f"seed {s['split_seed']}"] + keys)
+        print(f"labels: {per['policy']}")
     print(f"manifest sha256 {s['manifest_sha256']}")
     if s["split_note"]:
         print(f"split convention: {s['split_note']}")
@@ -178,25 +246,54 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 # -- data verify ---------------------------------------------------------------------------------------
+def _decoded_sizes(paths: list[str], workers: int) -> dict[str, tuple[tuple[int, int] | None, str]]:
+    """path -> ((h, w) or None, reason), every file decoded fully over ``workers`` processes."""
+    from bench.data.images import decode_check
+    from bench.data.parallel import run_jobs
+
+    chunk = 256
+    jobs = [(paths[s:s + chunk],) for s in range(0, len(paths), chunk)]
+    out: dict[str, tuple[tuple[int, int] | None, str]] = {}
+    for _, results in run_jobs(decode_check, jobs, workers if len(paths) >= 2000 else 1):
+        out.update({p: (hw, reason) for p, hw, reason in results})
+    return out
+
+
 def verify_dataset(spec, root: Path, table, split_seed: int = 0, manifest_file: Path | None = None,
-                   skip_bad: bool = False) -> list[tuple[str, str, str]]:
+                   skip_bad: bool = False, *, decode: bool = False, workers: int = 2) -> list[tuple[str, str, str]]:
     """(kind, where, detail) problems: unreadable/missing images, size mismatches, split leaks,
-    non-nesting or uncovered rows in the built manifest, the recorded one and ``manifest_file``."""
+    non-nesting or uncovered rows in the built manifest, the recorded one and ``manifest_file``.
+
+    Files are checked by their headers (:func:`probe_image`), or with ``decode`` decoded fully as
+    the image cache does, which also catches truncated JPEGs (problem kind "undecodable")."""
     from bench.data.images import probe_image
     from bench.data.prepare import manifest_path
     from bench.data.splits import SplitManifest, build_splits, check_manifest
 
     problems: list[tuple[str, str, str]] = []
     frame = table.frame
+    decoded = {}
+    if decode:
+        every = [str(p) for path, extras in zip(frame["image_path"], frame["extra_image_paths"])
+                 for p in (path, *tuple(extras or ()))]
+        decoded = _decoded_sizes(every, workers)
     for image_id, path, extras, h, w in zip(frame["image_id"], frame["image_path"], frame["extra_image_paths"],
                                             frame["height"], frame["width"]):
         for j, p in enumerate((path, *tuple(extras or ()))):
-            try:
-                hh, ww = probe_image(p)
-            except DataError as exc:
-                kind = "missing" if not Path(p).exists() else "unreadable"
-                problems.append((kind, str(image_id), str(exc)))
-                continue
+            if decode:
+                hw, reason = decoded[str(p)]
+                if hw is None:
+                    kind = "missing" if not Path(p).exists() else "undecodable"
+                    problems.append((kind, str(image_id), reason))
+                    continue
+                hh, ww = hw
+            else:
+                try:
+                    hh, ww = probe_image(p)
+                except DataError as exc:
+                    kind = "missing" if not Path(p).exists() else "unreadable"
+                    problems.append((kind, str(image_id), str(exc)))
+                    continue
             if j == 0 and h > 0 and w > 0 and (hh, ww) != (int(h), int(w)):
                 problems.append(("size", str(image_id), f"{p}: file is {hh}x{ww}, table says {h}x{w}"))
     if table.has_boxes:
@@ -262,7 +359,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return 1
     if table.skipped_rows and skip_bad:
         problems.append(("skipped", str(root), f"{table.skipped_rows} malformed row(s) skipped by the loader"))
-    problems += verify_dataset(spec, root, table, args.split_seed, args.manifest, skip_bad)
+    problems += verify_dataset(spec, root, table, args.split_seed, args.manifest, skip_bad, decode=args.decode,
+                               workers=args.workers)
     n_files = len(table) + int(sum(len(e or ()) for e in table.frame["extra_image_paths"]))
     kind_word = "SYNTHETIC" if kind == "synthetic" else "REAL"
     if problems:
@@ -270,8 +368,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{spec.name} ({kind_word} data at {root}): {len(problems)} problem(s) in {len(table)} rows, "
               f"{n_files} image files")
         return 1
-    print(f"{spec.name} ({kind_word} data at {root}): OK: {len(table)} rows, {n_files} image files decoded "
-          f"(headers), splits patient-level and nested")
+    how = "decoded fully" if args.decode else "checked by their headers (--decode to decode them fully)"
+    print(f"{spec.name} ({kind_word} data at {root}): OK: {len(table)} rows, {n_files} image files {how}, "
+          f"splits patient-level and nested")
     return 0
 
 
@@ -286,7 +385,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p = sub.add_parser("synth", help="generate (or reuse) the SYNTHETIC corpus of all eight datasets")
     p.add_argument("--root", type=Path, default=None, help="corpus root (default: the cache's synth/<scale>-seed<s>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", choices=("micro", "tiny", "small"), default="tiny")
+    p.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE)
     p.add_argument("--workers", type=int, default=2, help="parallel writer processes (default 2)")
     p.add_argument("--force", action="store_true", help="regenerate even when a complete corpus is there")
     p.set_defaults(func=cmd_synth)
@@ -306,5 +405,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p = sub.add_parser("verify", help="check files (decode every header), patient leaks, nesting, coverage")
     _add_source(p)
     p.add_argument("--manifest", type=Path, default=None, help="also check this split manifest file")
+    p.add_argument("--decode", action="store_true",
+                   help="decode every image fully, as the image cache does (catches truncated JPEGs, which the "
+                        "header check misses); slower")
+    p.add_argument("--workers", type=int, default=2, help="processes for --decode (default 2)")
     p.set_defaults(func=cmd_verify)
     return data

@@ -39,6 +39,10 @@ class DatasetSpec:
     split: SplitProtocol
     synth_subdir: str                   # folder of this dataset inside the synthetic corpus root
     tasks_hint: str = ""                # what the dataset is used for
+    #: (root) -> the folder ``load`` reads, for datasets whose archive unpacks into a named folder
+    #: (CheXpert: a root holding ``CheXpert-v1.0-small/`` -> that folder). Resolving it here, not
+    #: only in the loader, makes both layouts one data source: same root in results and caches.
+    locate_root: Callable[[Path], Path] | None = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -52,4 +56,7 @@ def resolve_root(spec: DatasetSpec, data: str | Path, synth_root: Path) -> tuple
     """Map a ``--data`` value to (dataset root, source kind "synthetic" | "real")."""
     if str(data) == "synth":
         return synth_root / spec.synth_subdir, "synthetic"
-    return Path(data).expanduser().resolve(), "real"
+    root = Path(data).expanduser().resolve()
+    if spec.locate_root is not None:
+        root = Path(spec.locate_root(root)).resolve()
+    return root, "real"

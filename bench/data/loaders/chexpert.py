@@ -6,6 +6,14 @@ own validation set out of train. Labels keep the raw codes (1 / 0 / -1 / NaN for
 observations in :data:`CHEXPERT_OBSERVATIONS` order; laterals stay in the table (view "LATERAL")
 and tasks apply the frontal filter.
 
+Views (vocabulary in :mod:`bench.data.table`): ``Frontal/Lateral`` decides frontal vs lateral, as
+in MGCA; a Frontal row takes its projection from ``AP/PA`` (AP, PA; LL or RL there -> "OTHER", never
+"LATERAL"; blank -> ""). ``view_raw`` is ``"<Frontal/Lateral> <AP/PA>"`` as written.
+
+Root layouts: ``root`` is the unpacked ``CheXpert-v1.0-small/`` folder itself, or a folder holding
+it (the paths inside the CSVs start with that folder's name); :func:`locate_root` maps the second
+to the first, so both give the same table and split manifest.
+
 The small CSV and label helpers here (:func:`read_csv_rows`, :func:`find_official_file`,
 :func:`parse_label_code`) are shared with the MIMIC-CXR and NIH loaders, which read the same kind
 of files.
@@ -24,7 +32,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
-from bench.data.synth.case import CHEXPERT_OBSERVATIONS
+from bench.data.label_lists import CHEXPERT_COMPETITION_TASKS, CHEXPERT_OBSERVATIONS
 from bench.data.table import CanonicalTable, make_frame
 from bench.errors import DataError, MissingDataError
 
@@ -40,7 +48,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 #: The 5 competition tasks (MGCA / GLoRIA CheXpert-5).
-COMPETITION_TASKS: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+COMPETITION_TASKS: tuple[str, ...] = CHEXPERT_COMPETITION_TASKS
 
 #: MGCA's ``CHEXPERT_UNCERTAIN_MAPPINGS``: U-Ones for Atelectasis, Edema, Pleural Effusion; U-Zeros otherwise.
 MGCA_UNCERTAIN_POLICY: dict[str, float] = {
@@ -53,7 +61,11 @@ FIVE_BY_200_ZERO: tuple[str, ...] = (
     "Pleural Other", "Fracture", "Support Devices",
 )
 
-_VIEWS_FRONTAL = {"AP": "AP", "PA": "PA", "LL": "LL"}
+#: ``AP/PA`` of a Frontal row -> canonical view; any other non-blank code is "OTHER" (not LATERAL:
+#: Frontal/Lateral, not AP/PA, decides laterality).
+_VIEWS_FRONTAL = {"AP": "AP", "PA": "PA", "": ""}
+#: Release folders a root may hold (small first: the benchmark uses v1.0-small).
+RELEASE_DIRS: tuple[str, ...] = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 _PATH_RE = re.compile(r"^(?P<split>train|valid)/(?P<patient>patient\d+)/(?P<study>study\d+)/(?P<file>[^/]+)$")
 
 
@@ -164,11 +176,11 @@ def _read_split_csv(root: Path, name: str, split: str, allowed: Sequence[float],
             if rel in seen:
                 first_file, first_line = seen[rel]
                 raise DataError(f"duplicate image {rel!r} (first at {first_file}, line {first_line})", path=path, line=line)
-            fl = fields[col["Frontal/Lateral"]].strip()
+            fl, appa = fields[col["Frontal/Lateral"]].strip(), fields[col["AP/PA"]].strip()
             if fl == "Lateral":
                 view = "LATERAL"
             elif fl == "Frontal":
-                view = _VIEWS_FRONTAL.get(fields[col["AP/PA"]].strip(), "")
+                view = _VIEWS_FRONTAL.get(appa.upper(), "OTHER")
             else:
                 raise DataError(f"Frontal/Lateral is {fl!r}; expected 'Frontal' or 'Lateral'", path=path, line=line)
             labels = np.array([parse_label_code(fields[col[c]], path=path, line=line, column=c, allowed=allowed)
@@ -181,13 +193,30 @@ def _read_split_csv(root: Path, name: str, split: str, allowed: Sequence[float],
             continue
         seen[rel] = (name, line)
         row = {"image_id": rel, "image_path": str(root / rel), "patient_id": m["patient"],
-               "study_id": f"{m['patient']}/{m['study']}", "view": view, "split": split}
+               "study_id": f"{m['patient']}/{m['study']}", "view": view, "view_raw": f"{fl} {appa}".strip(),
+               "split": split}
         yield row, labels
 
 
+def locate_root(root: Path) -> Path:
+    """The release folder under ``root``: ``root`` itself when it holds ``train.csv``, else its
+    ``CheXpert-v1.0-small/`` (or ``CheXpert-v1.0/``) child holding one; ``root`` when neither
+    (the loader then names the missing file)."""
+    root = Path(root).expanduser()
+    if (root / "train.csv").is_file():
+        return root
+    for name in RELEASE_DIRS:
+        if (root / name / "train.csv").is_file():
+            return root / name
+    return root
+
+
 def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
-    """Read ``train.csv`` (split "train") and ``valid.csv`` (split "test") under ``root``."""
-    root = require_root(root, "the CheXpert-v1.0-small folder holding train.csv, valid.csv, train/ and valid/")
+    """Read ``train.csv`` (split "train") and ``valid.csv`` (split "test") under ``root`` (the
+    release folder, or a folder holding it: :func:`locate_root`)."""
+    root = require_root(root, "the CheXpert-v1.0-small folder holding train.csv, valid.csv, train/ and valid/ "
+                              "(or a folder holding CheXpert-v1.0-small/)")
+    root = locate_root(root)
     rows: list[dict] = []
     labels: list[np.ndarray] = []
     seen: dict[str, tuple[str, int]] = {}
@@ -220,12 +249,13 @@ class FiveBy200(NamedTuple):
 
 
 def five_by_200_candidates(table: CanonicalTable) -> dict[str, np.ndarray]:
-    """Rows eligible for each 5x200 task: train split, frontal (AP/PA), that task 1, the other 4
-    tasks and the 8 other listed observations 0 after ``fillna(0)`` (so -1 rows are excluded)."""
+    """Rows eligible for each 5x200 task: train split, frontal (``Frontal/Lateral == "Frontal"``, i.e.
+    view != "LATERAL", as MGCA), that task 1, the other 4 tasks and the 8 other listed observations
+    0 after ``fillna(0)`` (so -1 rows are excluded)."""
     idx = {c: table.classes.index(c) for c in (*COMPETITION_TASKS, *FIVE_BY_200_ZERO)}
     lab = np.nan_to_num(table.labels, nan=0.0)
     frame = table.frame
-    base = (frame["split"].to_numpy() == "train") & np.isin(frame["view"].to_numpy(), ["AP", "PA"])
+    base = (frame["split"].to_numpy() == "train") & (frame["view"].to_numpy(dtype=object) != "LATERAL")
     zero_others = np.all(lab[:, [idx[c] for c in FIVE_BY_200_ZERO]] == 0, axis=1)
     out = {}
     for task in COMPETITION_TASKS:
@@ -264,6 +294,7 @@ SPEC = register_dataset(DatasetSpec(
     title="CheXpert v1.0-small",
     official_layout="train.csv, valid.csv, train/patientNNNNN/studyN/viewN_{frontal,lateral}.jpg, valid/...",
     load=load,
+    locate_root=locate_root,
     split=SplitProtocol(
         official=("train", "test"), val_size=5000, stratify=True,
         note="MGCA: test = official valid.csv; val = 5,000 images carved from train.csv (here by patient); "

@@ -22,11 +22,12 @@ import numpy as np
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
 from bench.data.table import CanonicalTable, make_frame
 from bench.data.images import image_size
+from bench.data.label_lists import COVIDX_CLASSES
 from bench.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
-CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
+CLASSES: tuple[str, ...] = COVIDX_CLASSES
 LISTS: tuple[tuple[str, str, str], ...] = (  # (list file, image folder, split)
     ("train_COVIDx9A.txt", "train", "train"),
     ("test_COVIDx9A.txt", "test", "test"),

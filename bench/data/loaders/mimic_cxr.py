@@ -25,8 +25,8 @@ import numpy as np
 
 from bench.data.loaders.chexpert import find_official_file, parse_label_code, read_csv_rows, require_root
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
-from bench.data.synth.case import CHEXPERT_OBSERVATIONS
-from bench.data.table import CanonicalTable, make_frame
+from bench.data.label_lists import CHEXPERT_OBSERVATIONS
+from bench.data.table import CanonicalTable, canonical_view, make_frame
 from bench.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ SPLIT = "mimic-cxr-2.0.0-split"
 CHEXPERT = "mimic-cxr-2.0.0-chexpert"
 
 SPLIT_VALUES = {"train": "train", "validate": "val", "test": "test"}
-_VIEWS = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LL"}
 
 # --------------------------------------------------------------------------------------------
 # report sectioning
@@ -231,7 +230,8 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
         labels.append(lab)
         rows.append({"image_id": dicom, "image_path": str(image_path(root, subject, study, dicom)),
                      "patient_id": subject, "study_id": study,
-                     "view": _VIEWS.get(f[mc["ViewPosition"]].strip().upper(), ""),
+                     # ViewPosition LL (left lateral) is a lateral film: view LATERAL (bench.data.table)
+                     "view": canonical_view(f[mc["ViewPosition"]]), "view_raw": f[mc["ViewPosition"]].strip(),
                      "split": split, "height": height, "width": width})
 
     # reports, one per study

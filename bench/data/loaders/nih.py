@@ -20,8 +20,8 @@ import numpy as np
 
 from bench.data.loaders.chexpert import read_csv_rows, require_root
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
-from bench.data.synth.case import NIH_LABELS
-from bench.data.table import EMPTY_BOXES, CanonicalTable, make_frame
+from bench.data.label_lists import NIH_LABELS
+from bench.data.table import EMPTY_BOXES, CanonicalTable, canonical_view, make_frame
 from bench.data.images import image_size
 from bench.errors import DataError, MissingDataError
 
@@ -39,7 +39,6 @@ BOX_CLASSES: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Effusion", "Infi
 BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 
 _AGE_RE = re.compile(r"^(\d+)\s*([YMD]?)$", re.IGNORECASE)
-_VIEWS = {"PA": "PA", "AP": "AP"}
 
 
 def parse_age(value: str) -> float:
@@ -101,7 +100,8 @@ def _iter_entry(path: Path, *, skip_bad: bool, counter: list[int], skipped_image
             logger.warning("skipping malformed row %s line %d", path, line)
             continue
         yield {"line": line, "image": image, "labels": labels, "patient": str(int(patient)), "age": age,
-               "sex": f[col["Patient Gender"]].strip(), "view": _VIEWS.get(f[col["View Position"]].strip().upper(), "")}
+               "sex": f[col["Patient Gender"]].strip(), "view": canonical_view(f[col["View Position"]]),
+               "view_raw": f[col["View Position"]].strip()}
 
 
 def _read_list(path: Path) -> list[tuple[int, str]]:
@@ -142,7 +142,8 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
         index[e["image"]] = len(rows)
         labels.append(vec)
         rows.append({"image_id": e["image"], "image_path": str(root / "images" / e["image"]),
-                     "patient_id": e["patient"], "view": e["view"], "split": "", "_line": e["line"]})
+                     "patient_id": e["patient"], "view": e["view"], "view_raw": e["view_raw"], "split": "",
+                     "_line": e["line"]})
 
     # official split lists
     listed: dict[str, tuple[str, int]] = {}

@@ -26,7 +26,9 @@ import numpy as np
 import pydicom
 
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
-from bench.data.table import EMPTY_BOXES, CanonicalTable, boxes_to_mask, encode_mask, make_frame
+from bench.data.table import (
+    EMPTY_BOXES, CanonicalTable, boxes_to_mask, canonical_view, encode_mask, make_frame,
+)
 from bench.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 LABELS_CSV = "stage_2_train_labels.csv"
 IMAGES_DIR = "stage_2_train_images"
 COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
-VIEWS = ("PA", "AP", "LATERAL", "LL")
 
 
 @dataclass
@@ -159,9 +160,9 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
             continue
         xyxy = np.array([(x, y, x + w, y + h) for _, (x, y, w, h) in patient.boxes],
                         dtype=np.float32).reshape(-1, 4) if patient.boxes else EMPTY_BOXES
-        view = str(getattr(header, "ViewPosition", "") or "").strip().upper()
+        view = str(getattr(header, "ViewPosition", "") or "").strip()
         rows.append({"image_id": pid, "image_path": str(dcm), "patient_id": pid,
-                     "view": view if view in VIEWS else "", "height": height, "width": width})
+                     "view": canonical_view(view), "view_raw": view, "height": height, "width": width})
         labels.append([float(patient.target)])
         boxes.append(xyxy)
         masks.append(encode_mask(boxes_to_mask(xyxy, height, width)) if len(xyxy) else None)

@@ -27,14 +27,13 @@ import pydicom
 
 from bench.data.rle import NEGATIVE, decode_siim_rle
 from bench.data.spec import DatasetSpec, SplitProtocol, register_dataset
-from bench.data.table import CanonicalTable, encode_mask, make_frame
+from bench.data.table import CanonicalTable, canonical_view, encode_mask, make_frame
 from bench.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
 RLE_CSV = "train-rle.csv"
 IMAGES_DIR = "dicom-images-train"
-VIEWS = ("PA", "AP", "LATERAL", "LL")
 
 
 def _read_rle(path: Path) -> tuple[dict[str, list[tuple[int, str]]], list[tuple[str, int]]]:
@@ -151,10 +150,10 @@ def load(root: Path, *, skip_bad: bool = False) -> CanonicalTable:
         patient = str(getattr(header, "PatientID", "") or "").strip()
         if not patient:
             log.debug("%s has no PatientID; using the ImageId as patient", dcm)
-        view = str(getattr(header, "ViewPosition", "") or "").strip().upper()
+        view = str(getattr(header, "ViewPosition", "") or "").strip()
         positive = bool(mask.any())
         rows_out.append({"image_id": image_id, "image_path": str(dcm), "patient_id": patient or image_id,
-                         "view": view if view in VIEWS else "", "height": height, "width": width})
+                         "view": canonical_view(view), "view_raw": view, "height": height, "width": width})
         labels.append([1.0 if positive else 0.0])
         masks.append(encode_mask(mask) if positive else None)
 
