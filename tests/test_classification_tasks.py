@@ -16,11 +16,17 @@ import torch
 
 import tasks  # noqa: F401  (registers the tasks)
 from bench.api import TASKS, Capability, RunSpec
-from bench.data.synth.case import CHEXPERT_OBSERVATIONS, NIH_LABELS
+from bench.data.label_lists import CHEXPERT_OBSERVATIONS, NIH_LABELS
+from bench.data.labels import chexpert_labels
 from bench.data.table import CanonicalTable, make_frame
 from bench.errors import BenchError
+from methods.backbones import BackbonePreset
 from methods.random_init import build_encoder
-from tasks import classification as C
+from tasks.common.augment import augment
+from tasks.common.schedule import warmup_cosine
+from tasks.common.settings import resolve_settings
+from tasks.fine_tune import FINE_TUNE_SETTINGS
+from tasks.linear_probe import LINEAR_PROBE_SETTINGS
 
 CPU = torch.device("cpu")
 SIZE = 64  # toy images and encoder input (the tiny preset's resnet18, at 64 px to keep tests fast)
@@ -126,7 +132,7 @@ def make_toy(kind: str = "binary", n_patients: int = 100, seed: int = 0, salt: s
 
 
 def encoder(seed: int = 0):
-    return build_encoder("resnet18", SIZE, seed)
+    return build_encoder(BackbonePreset("resnet18", SIZE, (1, 2, 3, 4)), seed)
 
 
 def count_forwards(enc) -> list[int]:
@@ -142,6 +148,8 @@ def count_forwards(enc) -> list[int]:
 
 
 def spec(task: str, **kw) -> RunSpec:
+    # the input size is the protocol's setting: keep the toy's 64 px (as fast as before) unless a test asks
+    kw["overrides"] = tuple({"image_size": SIZE, **dict(kw.get("overrides", ()))}.items())
     return RunSpec(method="random", task=task, **kw)
 
 
@@ -172,16 +180,16 @@ def test_task_entries():
 
 
 def test_overrides_are_coerced_and_checked():
-    s = C.resolve_settings(C.LINEAR_PROBE_SETTINGS["tiny"], (("lr", "0.5"), ("max_epochs", 3.0), ("aug_hflip", "false")))
+    s = resolve_settings(LINEAR_PROBE_SETTINGS["tiny"], (("lr", "0.5"), ("max_epochs", 3.0), ("aug_hflip", "false")))
     assert s["lr"] == 0.5 and s["max_epochs"] == 3 and isinstance(s["max_epochs"], int) and s["aug_hflip"] is False
     with pytest.raises(BenchError, match="unknown setting"):
-        C.resolve_settings(C.LINEAR_PROBE_SETTINGS["tiny"], (("lrr", 1),))
+        resolve_settings(LINEAR_PROBE_SETTINGS["tiny"], (("lrr", 1),))
     with pytest.raises(BenchError, match="expected a int"):
-        C.resolve_settings(C.LINEAR_PROBE_SETTINGS["tiny"], (("max_epochs", 2.5),))
+        resolve_settings(LINEAR_PROBE_SETTINGS["tiny"], (("max_epochs", 2.5),))
 
 
 def test_warmup_cosine_is_clamped_after_its_end():
-    f = [C.warmup_cosine(s, warmup=10, total=100, min_ratio=0.01) for s in range(300)]
+    f = [warmup_cosine(s, warmup=10, total=100, min_ratio=0.01) for s in range(300)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b - 1e-12 for a, b in zip(f[9:100], f[10:101]))      # monotone decay
     assert f[100] == pytest.approx(0.01) and all(v == pytest.approx(0.01) for v in f[100:])  # never rises again
@@ -309,7 +317,7 @@ def test_chexpert_policy_on_hand_made_rows():
     frame = make_frame([{"image_id": f"i{i}", "image_path": f"/x/i{i}.jpg", "patient_id": f"p{i}",
                          "view": v} for i, v in enumerate(("PA", "AP", "LATERAL", ""))])
     table = CanonicalTable(dataset="chexpert", root="/x", frame=frame, classes=CHEXPERT_OBSERVATIONS, labels=raw)
-    space = C.chexpert_labels(table)
+    space = chexpert_labels(table)
     assert space.classes == tuple(COMPETITION_TASKS) and space.kind == "multilabel"
     np.testing.assert_array_equal(space.targets, np.array([
         [1, 0, 0, 1, 1],
@@ -348,9 +356,11 @@ def test_fine_tune_updates_the_encoder_and_learns():
     d = out.details
     assert d["family"] == "fine-tune" and 1 <= d["best_epoch"] <= d["epochs_run"]
     assert d["augmentation"]["aug_hflip"] is False
-    # encoder lr = 0.1 x head lr throughout
+    # encoder lr = encoder_lr_mult x head lr throughout (BenchX's 0.1 at the paper preset)
+    mult = d["settings"]["encoder_lr_mult"]
+    assert FINE_TUNE_SETTINGS["paper"]["encoder_lr_mult"] == 0.1
     for _, enc_lr, head_lr in d["lr_curve"]:
-        assert enc_lr == pytest.approx(0.1 * head_lr)
+        assert enc_lr == pytest.approx(mult * head_lr)
     assert_cis_bracket(out)
 
 
@@ -374,11 +384,11 @@ def test_fine_tune_is_deterministic_on_cpu():
 def test_augment_is_seeded_and_shape_preserving():
     x = torch.rand(4, 1, 32, 32)
     kw = dict(scale=(0.5, 1.0), rotate_deg=10.0, hflip=True)
-    a = C.augment(x, torch.Generator().manual_seed(0), **kw)
-    b = C.augment(x, torch.Generator().manual_seed(0), **kw)
-    c = C.augment(x, torch.Generator().manual_seed(1), **kw)
+    a = augment(x, torch.Generator().manual_seed(0), **kw)
+    b = augment(x, torch.Generator().manual_seed(0), **kw)
+    c = augment(x, torch.Generator().manual_seed(1), **kw)
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     # identity parameters reproduce the input
-    ident = C.augment(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), rotate_deg=0.0, hflip=False,
+    ident = augment(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), rotate_deg=0.0, hflip=False,
                       ratio=(1.0, 1.0))
     assert torch.allclose(ident, x, atol=1e-5)

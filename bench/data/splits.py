@@ -53,7 +53,7 @@ from bench.errors import DataError
 
 log = logging.getLogger(__name__)
 
-#: Label fractions of the training split (same values as ``bench.api.FRACTIONS``).
+#: Label fractions of the training split (the one definition; ``bench.api`` imports it).
 FRACTIONS: tuple[float, ...] = (0.01, 0.1, 1.0)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXCLUDED = "excluded"

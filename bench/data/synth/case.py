@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The official label lists have one home in the data layer; re-exported here for the generator's modules.
+from bench.data.label_lists import CHEXPERT_OBSERVATIONS, NIH_LABELS  # noqa: F401
+
 #: Every finding the generator can draw. Names are ours; each dataset maps them to its own labels.
 FINDINGS: tuple[str, ...] = (
     "consolidation",      # lobar / patchy airspace opacity; "pneumonia" when the report says so
@@ -32,19 +35,6 @@ FINDINGS: tuple[str, ...] = (
 #: Lung zones in which localised findings are placed ("right lower" etc.).
 ZONES: tuple[str, ...] = tuple(
     f"{side} {level}" for side in ("right", "left") for level in ("upper", "middle", "lower")
-)
-
-#: The 14 CheXpert / MIMIC-CXR observations, in the alphabetical order of mimic-cxr-2.0.0-chexpert.csv.
-CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-    "Pneumonia", "Pneumothorax", "Support Devices",
-)
-
-#: The 14 NIH ChestX-ray14 labels (spelling of Data_Entry_2017.csv).
-NIH_LABELS: tuple[str, ...] = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
 )
 
 
