@@ -38,3 +38,26 @@ MGCA_LINEAR_CLS: dict[str, dict[str, tuple[float, float, float]]] = {
 }
 # Row order as printed in the paper.
 MGCA_ROWS = ("Random", "ImageNet", "ConVIRT", "GLoRIA", "GLoRIA-MIMIC", "MGCA (ResNet-50)", "MGCA (ViT-B/16)†")
+
+# -- which of our columns compare with the quoted table ---------------------------------------------
+
+#: The anchor's name: a task's ``anchor_differences`` sentences about this table start with it.
+ANCHOR = "MGCA"
+
+#: Quoted dataset -> (our task, its main metric). Only these tasks are compared with the table.
+MGCA_TASKS: dict[str, tuple[str, str]] = {
+    "CheXpert": ("chexpert-cls", "auroc_macro"),
+    "RSNA": ("rsna-cls", "auroc"),
+    "COVIDx": ("covidx-cls", "accuracy"),
+}
+
+#: A column of ours is comparable with the quoted table only when all of these hold; the
+#: differences that remain are listed per task (from the results' ``task.anchor_differences``).
+COMPARABLE_PRESET = "paper"
+COMPARABLE_KIND = "real"
+COMPARABLE_RULE = (
+    "A column of ours compares with this table only when it was measured on REAL data with preset "
+    f"`{COMPARABLE_PRESET}` (ResNet-50 at 224 px) on one of the tasks below, whose main metric is the quoted one "
+    "(ours in [0, 1], the paper's in %), and then only up to the protocol differences listed for that task. "
+    "SYNTHETIC columns, preset `tiny` and the other tasks are never comparable."
+)

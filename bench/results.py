@@ -2,17 +2,24 @@
 
 Layout (``results_dir()`` = ``results/`` unless ``MEDVLP_BENCH_RESULTS`` is set)::
 
-    results/<synthetic|real>-<preset>/<task>/<method>/frac<f>-seed<s>[-<protocol>][-<hash>].json
+    results/<synthetic|real>-<preset>/<task>/<method>/frac<f>-seed<s>[-<protocol>][-<hash>][-root<hash>].json
     results/<...>/frac<f>-seed<s>[...].predictions.jsonl.gz     per-sample test predictions
     results/golden/                                             drift-check references (bench.drift)
 
 ``<protocol>`` appears only for a non-default protocol; ``<hash>`` (8 hex digits) only when the spec
-has protocol overrides, a checkpoint or a non-zero split seed. The JSON is written last and
-atomically, so its presence means the run finished ("status": "finished"). A run is skipped when a
-finished result with the same spec, task version, split-manifest hash and checkpoint hash exists;
-otherwise (stale or missing) it is run again and the file replaced.
+has protocol overrides, a checkpoint or a non-zero split seed; ``root<hash>`` (8 hex digits of the
+resolved data root) whenever ``--data`` is a path rather than ``synth``, so two different roots
+never share a file. ``synthetic`` vs ``real`` follows the data: a path inside a synthetic corpus
+(``bench.data.synth.corpus.corpus_of``) is synthetic.
 
-Schema version 1 (:data:`SCHEMA_VERSION`); readers refuse other versions instead of guessing.
+The JSON is written last and atomically, so its presence means the run finished ("status":
+"finished"). A run is skipped when a finished result with the same spec, task version, weights
+hash, split-manifest hash and checkpoint hash exists; otherwise (stale or missing) it is run again
+and the file replaced. The weights hash is what the encoder was built from (see
+:mod:`bench.identity`): a file the method read, or a fingerprint of the built weights.
+
+Schema version 2 (:data:`SCHEMA_VERSION`; 2 added ``weights_sha256``, ``weights_origin`` and
+``weights_file``); readers refuse other versions instead of guessing.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from bench.paths import results_dir
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FLOAT_DIGITS = 6
 PREDICTIONS_SUFFIX = ".predictions.jsonl.gz"
 GOLDEN_DIRNAME = "golden"
@@ -108,7 +115,10 @@ class Result:
     details: dict[str, Any]
     data_source: dict[str, Any]             # kind synthetic|real, root, dataset, manifest_sha256, rows, ...
     method_card: dict[str, Any]             # MethodCard.to_dict()
-    checkpoint_sha256: str | None
+    checkpoint_sha256: str | None           # of --checkpoint (file, or a folder's files); None without one
+    weights_sha256: str | None              # identity of the weights the encoder was built with (bench.identity)
+    weights_origin: str | None              # "method-card" (a file the method read), "checkpoint", "state-fingerprint"
+    weights_file: str | None                # the file behind weights_sha256 where one was read
     git: dict[str, Any]                     # commit, dirty
     packages: dict[str, str]
     device: str
@@ -164,7 +174,8 @@ class Result:
             raise ResultError(f"{where}expected a JSON object, got {type(d).__name__}")
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ResultError(f"{where}unsupported schema_version {version!r} (this harness reads {SCHEMA_VERSION})")
+            raise ResultError(f"{where}unsupported schema_version {version!r} (this harness reads {SCHEMA_VERSION}; "
+                              "re-run the cell with --force, or regenerate results/)")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -200,8 +211,30 @@ def _safe(name: str) -> str:
 
 
 def data_label(data: str) -> str:
-    """``"synthetic"`` for ``--data synth``, else ``"real"``."""
-    return "synthetic" if str(data) == "synth" else "real"
+    """``"synthetic"`` for ``--data synth`` or a dataset folder inside a synthetic corpus, else ``"real"``.
+
+    The corpus test is the data layer's own (``corpus_of``: a ``corpus.json`` above the folder), so
+    the results store and the data source of a run never disagree about what the data is.
+    """
+    if str(data) == "synth":
+        return "synthetic"
+    from bench.data.synth.corpus import corpus_of   # lazy: the results store is read without the data layer
+
+    return "synthetic" if corpus_of(data) is not None else "real"
+
+
+def data_tag(spec: RunSpec | Mapping[str, Any]) -> str | None:
+    """8 hex digits of the spec's data root, or None for ``--data synth``.
+
+    Part of the file name: two roots (two copies of a dataset, or a synthetic corpus given by path
+    next to the default one) are two identities and never replace each other's result. The runner
+    resolves the root first (``normalise_spec``); the root is hashed as written in the spec, not
+    resolved again, so the tag is a pure function of the spec on any machine.
+    """
+    data = spec.data if isinstance(spec, RunSpec) else spec.get("data", "synth")
+    if str(data) == "synth":
+        return None
+    return hashlib.sha256(str(data).encode()).hexdigest()[:8]
 
 
 def variant_hash(spec: RunSpec | Mapping[str, Any]) -> str | None:
@@ -226,6 +259,9 @@ def run_stem(spec: RunSpec, default_protocol: str | None) -> str:
     h = variant_hash(spec)
     if h:
         stem += f"-{h}"
+    root = data_tag(spec)
+    if root:
+        stem += f"-root{root}"
     return stem
 
 
@@ -379,11 +415,13 @@ def load_results(root: Path | None = None, *, exclude: Iterable[str] = (GOLDEN_D
 
 
 def stale_reason(existing: Result, *, spec: RunSpec, task_version: int,
-                 manifest_sha256: str | None = ..., checkpoint_sha256: str | None = ...) -> str | None:
+                 manifest_sha256: str | None = ..., checkpoint_sha256: str | None = ...,
+                 weights_sha256: str | None = ...) -> str | None:
     """None when ``existing`` answers ``spec``; otherwise why it must be re-run.
 
-    ``manifest_sha256`` / ``checkpoint_sha256`` left out (``...``) are not compared, so the runner
-    can do a cheap check before preparing data and a full one after.
+    ``manifest_sha256`` / ``checkpoint_sha256`` / ``weights_sha256`` left out (``...``) are not
+    compared, so the runner can check cheaply before building the encoder, again once the encoder
+    exists (weights), and fully once the data is prepared (manifest).
     """
     want = to_jsonable(spec.to_dict())
     if existing.spec != want:
@@ -393,6 +431,9 @@ def stale_reason(existing: Result, *, spec: RunSpec, task_version: int,
         return f"task version changed ({existing.task_version} -> {task_version})"
     if checkpoint_sha256 is not ... and existing.checkpoint_sha256 != checkpoint_sha256:
         return "checkpoint file changed"
+    if weights_sha256 is not ... and existing.weights_sha256 != weights_sha256:
+        return (f"weights changed (sha256 {str(existing.weights_sha256)[:12]} from {existing.weights_origin} -> "
+                f"{str(weights_sha256)[:12]})")
     if manifest_sha256 is not ... and existing.manifest_sha256 != manifest_sha256:
         return (f"split manifest changed ({str(existing.manifest_sha256)[:12]} -> "
                 f"{str(manifest_sha256)[:12]})")
@@ -412,7 +453,7 @@ def find_existing(path: Path) -> tuple[Result | None, str]:
 
 __all__ = [
     "FLOAT_DIGITS", "GOLDEN_DIRNAME", "PREDICTIONS_SUFFIX", "Result", "ResultError", "SCHEMA_VERSION",
-    "data_label", "dumps", "find_existing", "load_result", "load_results", "predictions_path",
+    "data_label", "data_tag", "dumps", "find_existing", "load_result", "load_results", "predictions_path",
     "read_predictions", "result_files", "result_path", "run_stem", "sha256_file", "stale_reason",
     "to_jsonable", "variant_hash", "write_result",
 ]

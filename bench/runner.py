@@ -2,7 +2,9 @@
 
 The order matters: everything that can refuse the run cheaply (unknown names, a capability
 mismatch, a bad override, a missing checkpoint, a result that is already current) is checked before
-the encoder is built or any data is prepared.
+the encoder is built or any data is prepared. Once the encoder exists, the identity of its weights
+(:mod:`bench.identity`) is compared with the existing result before any data is prepared; the split
+manifest is compared last, as it needs the prepared data.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch
 from bench import env
 from bench.api import METHODS, TASKS, MethodEntry, RunSpec, TaskEntry, TaskOutput
 from bench.errors import BenchError, CapabilityError, CheckpointError
+from bench.identity import weights_identity
 from bench.results import (
-    Result, find_existing, result_path, sha256_file, stale_reason, to_jsonable, write_result,
+    Result, data_label, find_existing, result_path, sha256_file, stale_reason, to_jsonable, write_result,
 )
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,23 @@ def load_registries() -> None:
     import tasks  # noqa: F401
 
 
-def prepare_data(dataset: str, data: str, *, image_size: int, split_seed: int) -> Any:
+def prepare_data(dataset: str, data: str, *, image_size: int, split_seed: int, skip_bad: bool = False) -> Any:
     """The data layer's ``prepare_dataset`` (imported lazily; tests replace this function)."""
     from bench.data.prepare import prepare_dataset
 
-    return prepare_dataset(dataset, data, image_size=image_size, split_seed=split_seed)
+    return prepare_dataset(dataset, data, image_size=image_size, split_seed=split_seed, skip_bad=skip_bad)
+
+
+def _skip_bad_kw(skip_bad: bool) -> dict[str, bool]:
+    """``skip_bad`` for :func:`prepare_data` only when set, so stand-ins without it keep working."""
+    return {"skip_bad": True} if skip_bad else {}
+
+
+def input_size(spec: RunSpec, task: TaskEntry, card_size: int) -> int:
+    """The image size a run feeds its encoder: the task protocol's (its ``image_size`` setting, or the
+    override), else the encoder card's. The image cache is prepared at this size."""
+    default = (task.settings.get(spec.preset) or {}).get("image_size", card_size)
+    return int(dict(spec.overrides).get("image_size", default))
 
 
 def missing_capabilities(method: MethodEntry, task: TaskEntry) -> list[str]:
@@ -112,12 +127,21 @@ def _jsonable_or_repr(x: Any) -> Any:
 
 def _source_of(data: Any, spec: RunSpec, dataset: str) -> dict[str, Any]:
     source = dict(getattr(data, "source", None) or {})
-    source.setdefault("kind", "synthetic" if spec.data == "synth" else "real")
+    source.setdefault("kind", data_label(spec.data))
     source.setdefault("dataset", dataset)
     if "manifest_sha256" not in source:
         manifest = getattr(data, "manifest", None)
         source["manifest_sha256"] = getattr(manifest, "sha256", None)
     return source
+
+
+def _check_kind_matches_path(source: dict[str, Any], spec: RunSpec, path: Path) -> None:
+    """The results store files a run as synthetic/real from the spec alone; the data layer says what
+    it loaded. They must agree, or a real result would sit under synthetic-*/ (or the reverse)."""
+    kind, filed = source.get("kind"), data_label(spec.data)
+    if kind != filed:
+        raise BenchError(f"data {spec.data!r}: the data layer reports kind {kind!r} but the results store "
+                         f"files it as {filed!r} ({path}); refusing to write a mislabelled result")
 
 
 def _check_output(out: Any, task: TaskEntry) -> TaskOutput:
@@ -137,8 +161,14 @@ def _check_output(out: Any, task: TaskEntry) -> TaskOutput:
 
 
 def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = False,
-        results_root: Path | None = None) -> tuple[Result, Path, bool]:
-    """Run ``spec`` (or find its current result). Returns ``(result, path, skipped)``."""
+        results_root: Path | None = None, skip_bad: bool = False) -> tuple[Result, Path, bool]:
+    """Run ``spec`` (or find its current result). Returns ``(result, path, skipped)``.
+
+    ``skip_bad``: leave out malformed rows and missing or undecodable images instead of stopping
+    (counted in the split manifest and ``data_source``). Not part of the spec: on clean data it
+    changes nothing, and on bad data it changes the manifest, whose sha256 the staleness check
+    already compares.
+    """
     load_registries()
     task = TASKS.get(spec.task)
     method = METHODS.get(spec.method)
@@ -163,19 +193,31 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
     log.info("%s x %s: fraction %s, seed %d, preset %s, data %s, device %s", spec.task, spec.method,
              spec.fraction, spec.seed, spec.preset, spec.data, dev)
 
-    encoder = method.factory(spec.preset, Path(spec.checkpoint) if spec.checkpoint else None, spec.seed)
+    encoder = method.factory(spec.preset, Path(spec.checkpoint) if spec.checkpoint else None, spec.seed,
+                             data=spec.data)
     card_missing = sorted(str(c) for c in task.requires - encoder.card.capabilities)
     if card_missing:
         raise CapabilityError(f"encoder of method {spec.method!r} (card {encoder.card.name!r}) lacks "
                               f"{', '.join(card_missing)} required by task {task.name!r}")
-    data = prepare_data(task.dataset, spec.data, image_size=encoder.card.image_size, split_seed=spec.split_seed)
+    # The weights are part of the identity (bench.identity): checked before preparing any data.
+    weights = weights_identity(encoder, spec.checkpoint, ckpt_sha)
+    log.info("weights: %s", weights.describe())
+    if existing is not None:
+        reason = stale_reason(existing, spec=spec, task_version=task.version, weights_sha256=weights.sha256)
+        if reason:
+            log.info("stale result at %s: %s; re-running", path, reason)
+            existing = None
+    data = prepare_data(task.dataset, spec.data, image_size=input_size(spec, task, encoder.card.image_size),
+                        split_seed=spec.split_seed, **_skip_bad_kw(skip_bad))
     source = _source_of(data, spec, task.dataset)
     # The data layer decides the kind: a root inside a synthetic corpus is synthetic too.
     log.info("data source: %s (%s)", str(source.get("kind", "unknown")).upper(), source.get("root", spec.data))
+    _check_kind_matches_path(source, spec, path)
 
     if existing is not None:
         reason = stale_reason(existing, spec=spec, task_version=task.version,
-                              manifest_sha256=source.get("manifest_sha256"), checkpoint_sha256=ckpt_sha)
+                              manifest_sha256=source.get("manifest_sha256"), checkpoint_sha256=ckpt_sha,
+                              weights_sha256=weights.sha256)
         if reason is None:
             log.info("finished result exists, skipping (use --force to re-run): %s", path)
             return existing, path, True
@@ -196,6 +238,8 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
             "protocol": spec.protocol or (task.protocols[0] if task.protocols else None),
             "main_metric": task.main_metric, "higher_is_better": task.higher_is_better,
             "settings": _jsonable_or_repr(settings),
+            # how this protocol differs from the anchor paper's (quoted by the leaderboard)
+            "anchor_differences": [str(x) for x in getattr(task, "anchor_differences", ())],
         },
         dataset=task.dataset,
         main_metric=task.main_metric,
@@ -208,6 +252,9 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
         data_source=_jsonable_or_repr(source),
         method_card=encoder.card.to_dict(),
         checkpoint_sha256=ckpt_sha,
+        weights_sha256=weights.sha256,
+        weights_origin=weights.origin,
+        weights_file=weights.file,
         git=env.git_info(),
         packages=env.package_versions(),
         device=str(dev),

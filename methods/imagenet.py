@@ -14,6 +14,11 @@ Where the weights come from, in order:
 Nothing is downloaded and a missing file is never replaced by a random initialisation: when no
 candidate exists (or none loads with full key coverage), :class:`CheckpointError` names every
 place looked and how to provide the weights.
+
+Files the user named (``--checkpoint`` and ``$MEDVLP_IMAGENET_WEIGHTS``) are never skipped: one that
+does not exist or fails strict loading is an error naming it, because falling through to a hub
+cache would silently evaluate other weights than the ones asked for. Only hub-cache candidates,
+which nobody chose, fall through to the next one.
 """
 from __future__ import annotations
 
@@ -44,6 +49,10 @@ class Candidate:
     path: Path
     origin: str            # "--checkpoint", "$MEDVLP_IMAGENET_WEIGHTS", "hf-hub-cache", "torch-hub-cache"
     tag: str               # timm pretrained tag where known, else ""
+
+
+#: Origins a user named explicitly; their failures are errors (module docstring).
+USER_NAMED = ("--checkpoint", f"${ENV_VAR}")
 
 
 def _home_cache() -> Path:
@@ -114,9 +123,14 @@ def find_weights(arch: str, checkpoint: Path | str | None) -> tuple[list[Candida
             cands.append(Candidate(p, f"${ENV_VAR}", ""))
         elif p.is_dir():
             cands += [Candidate(f, f"${ENV_VAR}", "") for f in _weights_in_dir(p, arch)]
-        looked.append(f"${ENV_VAR}={p}: " + ("found" if cands else "no such file or no weight file in it"))
-    else:
-        looked.append(f"${ENV_VAR}: not set")
+        if not cands:
+            what = (f"no weight file ({', '.join(WEIGHT_SUFFIXES)}) in this folder" if p.is_dir()
+                    else "file not found")
+            raise CheckpointError(f"${ENV_VAR}={p}: {what} (ImageNet weights for {arch} expected; "
+                                  f"unset {ENV_VAR} to use a hub cache)")
+        # a user-named source is the only one looked at: never fall through to a hub cache
+        return cands, looked + [f"${ENV_VAR}={p}: found"]
+    looked.append(f"${ENV_VAR}: not set")
     hf = _hf_candidates(arch)
     looked.append(f"Hugging Face hub cache: {hf_hub_cache()}/models--timm--{arch}.*/snapshots/*/"
                   f"{{model.safetensors,pytorch_model.bin}}: {len(hf)} found")
@@ -134,8 +148,10 @@ def how_to_provide(arch: str) -> str:
             f"cache folder (models--timm--{arch}.*) into {hf_hub_cache()}. This harness never downloads.")
 
 
-def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: int = 0) -> TimmEncoder:
-    """ImageNet-initialised backbone; ``seed`` only fixes the (overwritten) construction draw."""
+def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: int = 0,
+            data: str = "synth") -> TimmEncoder:
+    """ImageNet-initialised backbone; ``seed`` only fixes the (overwritten) construction draw and
+    ``data`` (the run's ``--data``) is not used: ImageNet weights do not depend on it."""
     p = backbone_preset(preset)
     cands, looked = find_weights(p.arch, checkpoint)
     if not cands:
@@ -150,6 +166,9 @@ def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: in
         except CheckpointError as e:
             if cand.origin == "--checkpoint":
                 raise
+            if cand.origin in USER_NAMED:   # the user chose this file: an error, not a fall-through
+                raise CheckpointError(f"{e}\n(file named by ${ENV_VAR}={os.environ.get(ENV_VAR)}: fix it or unset "
+                                      f"{ENV_VAR}; a named file is never skipped for a hub cache)") from None
             log.warning("skipping %s: %s", cand.path, e)
             failures.append(f"{cand.path}: {e}")
             continue

@@ -49,7 +49,7 @@ class FakeWorld:
     offset: float = 0.0                 # added to every metric (to simulate drift)
 
     def factory(self, caps: frozenset[Capability] = GLOBAL, name: str = FAKE_METHOD) -> Callable[..., Encoder]:
-        def make(preset: str, checkpoint: Any, seed: int) -> Encoder:
+        def make(preset: str, checkpoint: Any, seed: int, data: str = "synth") -> Encoder:
             self.factory_calls.append((preset, checkpoint, seed))
             return FakeEncoder(card(name, caps))
         return make

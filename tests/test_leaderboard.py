@@ -1,4 +1,5 @@
-"""Leaderboard: built from hand-made result files; deterministic; sections; ranks; n/a cells."""
+"""Leaderboard: built from hand-made result files; deterministic; sections; ranks; n/a and `—` cells;
+column sizes; data roots never pooled; which columns compare with the quoted paper table."""
 from __future__ import annotations
 
 import re
@@ -9,31 +10,35 @@ import pytest
 from bench import leaderboard as L
 from bench.api import RunSpec
 from bench.paths import REPO_ROOT
-from bench.results import Result, load_results, write_result
+from bench.results import Result, ResultError, data_tag, load_results, write_result
 
 GLOBAL = ("image_global",)
 DENSE = ("image_dense", "image_global")
+NONE = L.Registered()          # no registered methods: the hand-made results stand alone
 
 
 def make(root: Path, method: str, task: str, fraction: float, seed: int, value: float | None, *,
          kind: str = "synthetic", preset: str = "tiny", caps=GLOBAL, requires=GLOBAL, hib: bool = True,
-         ci: float | None = 0.05, metric: str = "auroc", version: int = 1) -> Path:
-    spec = RunSpec(method=method, task=task, fraction=fraction, seed=seed, preset=preset,
-                   data="synth" if kind == "synthetic" else "/data/real")
+         ci: float | None = 0.05, metric: str = "auroc", version: int = 1, data: str | None = None,
+         sizes: dict | None = None, anchor: tuple[str, ...] = ()) -> Path:
+    data = data or ("synth" if kind == "synthetic" else "/data/real")
+    spec = RunSpec(method=method, task=task, fraction=fraction, seed=seed, preset=preset, data=data)
     r = Result(
         spec=spec.to_dict(),
         task={"name": task, "version": version, "family": "linear-probe", "dataset": "rsna",
               "requires": list(requires), "protocol": "default", "main_metric": metric, "higher_is_better": hib,
-              "settings": {}},
+              "settings": {}, "anchor_differences": list(anchor)},
         dataset="rsna", main_metric=metric, main_value=value,
         main_ci=None if ci is None or value is None else [value - ci, value + ci], higher_is_better=hib,
-        metrics={metric: value}, ci={}, details={},
+        metrics={metric: value}, ci={}, details={} if sizes is None else {"sizes": sizes},
         data_source={"kind": kind, "root": "/x", "dataset": "rsna", "manifest_sha256": "abc"},
         method_card={"name": method, "capabilities": list(caps)}, checkpoint_sha256=None,
+        weights_sha256="0" * 64, weights_origin="state-fingerprint", weights_file=None,
         git={"commit": "0123456789abcdef", "dirty": False}, packages={"torch": "2.x"}, device="cpu", host={},
         started_at=f"2024-01-0{seed + 1}T00:00:00+00:00", wall_s=1.0 + seed,
     )
-    path = root / f"{kind}-{preset}" / task / method / f"frac{fraction!r}-seed{seed}.json"
+    tag = data_tag(spec)
+    path = root / f"{kind}-{preset}" / task / method / f"frac{fraction!r}-seed{seed}{f'-root{tag}' if tag else ''}.json"
     write_result(r, path, None)
     return path
 
@@ -142,7 +147,7 @@ def test_average_rank_with_ties_and_incomplete(tmp_path):
     assert set(incomplete) == {"d"} and "t1 @ 100%" in incomplete["d"][0] and "t2" in incomplete["d"][1]
     md = L.rank_markdown(sec)
     assert "| 1 | `a` | 1.50 | 4 |" in norm(md)
-    assert "Incomplete (not ranked):" in md and "- `d`: not run" in md
+    assert "Not ranked:" in md and "- `d`: not run: t1 @ 100%; not run: t2 @ 10%, 100%" in md
     assert "rule at the top" in md
     assert "tied means get the average of the tied ranks" in L.render(load_results(root))[0]
 
@@ -159,17 +164,36 @@ def test_equal_average_ranks_share_a_place(tmp_path):
     assert "| 3 | `c` | 3.00 |" in norm(md)
 
 
-def test_na_method_is_incomplete_with_reason(results):
+def test_na_columns_do_not_make_a_method_incomplete(results):
+    """beta cannot run siim-seg (n/a): it is ranked over the rsna-cls columns it can run."""
     sec = L.sections(L.frame(load_results(results)))[0]
-    _, incomplete = L.rank_section(sec)
-    assert incomplete["beta"] == ["n/a on siim-seg (lacks image_dense)"]
+    table, unranked = L.rank_section(sec)
+    assert unranked == {}
+    got = {v: (a, c, n) for v, a, c, n in zip(table["variant"], table["avg_rank"], table["columns"], table["na"])}
+    # rsna 10%: alpha 0.8 > beta 0.6; rsna 100%: beta 0.97 > alpha 0.95; siim-seg has alpha alone: counts for no one
+    assert got == {"alpha": (1.5, 2, 0), "beta": (1.5, 2, 1)}
+    md = L.rank_markdown(sec)
+    assert "| 1 | `alpha` | 1.50 | 2 | 0 |" in norm(md) and "| 1 | `beta` | 1.50 | 2 | 1 |" in norm(md)
+    assert "Not ranked" not in md
+
+
+def test_a_column_with_one_method_gives_no_free_rank(tmp_path):
+    root = tmp_path / "results"
+    make(root, "a", "t1", 1.0, 0, 0.9)
+    make(root, "b", "t1", 1.0, 0, 0.5)
+    make(root, "b", "ft", 1.0, 0, 0.5, requires=("trainable",), caps=("image_global", "trainable"))
+    sec = L.sections(L.frame(load_results(root)))[0]
+    table, unranked = L.rank_section(sec)
+    # b alone in ft@100%: that column would hand it rank 1; a cannot run ft (n/a) and stays complete
+    assert dict(zip(table["variant"], table["avg_rank"])) == {"a": 1.0, "b": 2.0}
+    assert dict(zip(table["variant"], table["na"])) == {"a": 1, "b": 0} and unranked == {}
 
 
 def test_regenerating_gives_identical_bytes(results, tmp_path):
     out1 = tmp_path / "one" / "leaderboard.md"
     out2 = tmp_path / "two" / "leaderboard.md"
-    w1 = L.build(results, out1)
-    w2 = L.build(results, out2)
+    w1 = L.build(results, out1, registry=NONE)
+    w2 = L.build(results, out2, registry=NONE)
     assert len(w1) == 4 and [p.name for p in w1] == [p.name for p in w2]
     for a, b in zip(w1, w2):
         assert a.read_bytes() == b.read_bytes(), a.name
@@ -177,7 +201,7 @@ def test_regenerating_gives_identical_bytes(results, tmp_path):
     assert b"Software" not in w1[1].read_bytes() and b"tIME" not in w1[1].read_bytes()
     # again into the same place: unchanged
     before = {p: p.read_bytes() for p in w1}
-    L.build(results, out1)
+    L.build(results, out1, registry=NONE)
     assert {p: p.read_bytes() for p in w1} == before
     text = out1.read_text()
     assert "GENERATED by `python -m bench table`" in text and "Do not edit by hand" in text
@@ -185,11 +209,11 @@ def test_regenerating_gives_identical_bytes(results, tmp_path):
 
 def test_stale_plots_are_removed(results, tmp_path):
     out = tmp_path / "o" / "leaderboard.md"
-    L.build(results, out)
+    L.build(results, out, registry=NONE)
     plots = out.parent / L.PLOTS_DIRNAME
     (plots / "synthetic-tiny-old-task.png").write_bytes(b"x")
     (plots / "notes.txt").write_text("kept")
-    L.build(results, out)
+    L.build(results, out, registry=NONE)
     assert not (plots / "synthetic-tiny-old-task.png").exists() and (plots / "notes.txt").exists()
 
 
@@ -229,3 +253,122 @@ def test_committed_leaderboard_matches_results(tmp_path):
     assert fresh == have
     for name in fresh:
         assert (out.parent / L.PLOTS_DIRNAME / name).read_bytes() == (mine / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------------------------
+# registered methods, sizes, data roots, comparability with the quoted table
+
+
+def test_registered_methods_without_results_get_rows(results):
+    registry = L.Registered(methods={"alpha": frozenset(DENSE), "beta": frozenset(GLOBAL),
+                                     "omega": frozenset(GLOBAL), "zeta": frozenset(DENSE)})
+    md, _ = L.render(load_results(results), registry)
+    syn = section_text(md, "SYNTHETIC")
+    rsna = syn.split("### rsna-cls")[1].split("###")[0]
+    siim = syn.split("### siim-seg")[1].split("###")[0]
+    assert table_row(rsna, "omega")[1:] == [L.MISSING, L.MISSING]          # could run, has not
+    assert table_row(siim, "omega")[1:] == [L.NA]                           # lacks image_dense
+    assert table_row(siim, "zeta")[1:] == [L.MISSING]
+    rank = syn.split("### Average rank")[1]
+    assert "- `omega`: not run (no result in this section)" in rank and "- `zeta`: not run" in rank
+    assert "| `omega`" not in rank.split("Not ranked")[0]                   # never in the ranked table
+    # the REAL section gets the registered rows too
+    real = section_text(md, "REAL")
+    assert table_row(real, "omega")[1:] == [L.MISSING]
+    # without a registry, only methods with results appear
+    md, _ = L.render(load_results(results))
+    with pytest.raises(AssertionError, match="no row"):
+        table_row(md, "omega")
+
+
+def test_a_method_with_results_is_not_duplicated_by_the_registry(tmp_path):
+    root = tmp_path / "results"
+    spec = RunSpec(method="a", task="t1", fraction=1.0, seed=0, protocol="augmented")
+    path = make(root, "a", "t1", 1.0, 0, 0.5)
+    only = load_results(root)[path]
+    import dataclasses
+    path.unlink()
+    write_result(dataclasses.replace(only, spec=spec.to_dict()), path.with_name("frac1.0-seed0-augmented.json"), None)
+    md, _ = L.render(load_results(root), L.Registered(methods={"a": frozenset(GLOBAL)}))
+    rows = [line for line in md.splitlines() if line.startswith("| `a")]
+    assert rows and all(line.startswith("| `a · augmented`") for line in rows)
+
+
+def test_column_sizes(tmp_path):
+    root = tmp_path / "results"
+    test = {"images": 90, "patients": 80}
+    make(root, "a", "t1", 0.1, 0, 0.5, sizes={"train": {"images": 42, "patients": 40}, "val": test, "test": test})
+    make(root, "b", "t1", 0.1, 0, 0.6, sizes={"train": {"images": 42, "patients": 40}, "val": test, "test": test})
+    make(root, "a", "t1", 1.0, 0, 0.5, sizes={"train": {"images": 420, "patients": 400}, "test": test})
+    make(root, "b", "t1", 1.0, 0, 0.6, sizes={"train": {"images": 421, "patients": 401}, "test": test})
+    make(root, "a", "t2", 1.0, 0, 0.5)                                      # no sizes recorded
+    md, _ = L.render(load_results(root))
+    t1 = md.split("### t1")[1].split("###")[0]
+    assert ("Sizes (images / patients) · 10%: train 42 / 40, test 90 / 80 · 100%: train 420 / 400 or 421 / 401 "
+            "(results differ: mixed splits, re-run the stale cells), test 90 / 80") in t1
+    t2 = md.split("### t2")[1].split("###")[0]
+    assert "100%: train not recorded, test not recorded" in t2
+
+
+def test_two_data_roots_are_never_pooled(tmp_path):
+    root = tmp_path / "results"
+    a = make(root, "m", "rsna-cls", 1.0, 0, 0.8, kind="real", preset="paper", data="/data/rsna-a", ci=None)
+    b = make(root, "m", "rsna-cls", 1.0, 0, 0.6, kind="real", preset="paper", data="/data/rsna-b", ci=None)
+    assert a != b and a.name.endswith(f"-root{data_tag({'data': '/data/rsna-a'})}.json")
+    make(root, "m", "chexpert-cls", 1.0, 0, 0.7, kind="real", preset="paper", data="/data/chexpert")
+    md, plots = L.render(load_results(root))
+    real = section_text(md, "REAL")
+    ta, tb = data_tag({"data": "/data/rsna-a"}), data_tag({"data": "/data/rsna-b"})
+    # one table per root, headed by the root's hash, each cell one seed (never n=2 from two roots)
+    sec_a = real.split(f"### rsna-cls @ root #{ta}")[1].split("###")[0]
+    sec_b = real.split(f"### rsna-cls @ root #{tb}")[1].split("###")[0]
+    assert table_row(sec_a, "m")[1] == "0.800 (n=1)" and table_row(sec_b, "m")[1] == "0.600 (n=1)"
+    assert "data root `/data/rsna-a`" in sec_a and "data root `/data/rsna-b`" in sec_b
+    assert "(n=2)" not in md
+    # a task on a single root keeps its plain heading; plots are distinct
+    assert "### chexpert-cls: auroc" in real
+    assert {f"real-paper-rsna-cls-root{ta}.png", f"real-paper-rsna-cls-root{tb}.png",
+            "real-paper-chexpert-cls.png"} == set(plots)
+    assert "never pooled into one cell" in md                                # the legend says how
+
+
+def test_synthetic_corpus_by_path_is_its_own_table(tmp_path):
+    root = tmp_path / "results"
+    make(root, "m", "rsna-cls", 1.0, 0, 0.8)
+    make(root, "m", "rsna-cls", 1.0, 0, 0.6, data="/corpora/micro/rsna-pneumonia")  # kind synthetic
+    md, _ = L.render(load_results(root))
+    syn = section_text(md, "SYNTHETIC")
+    assert syn.count("### rsna-cls @ root #") == 1 and "(n=2)" not in syn
+    assert "data `synth`" in syn and "data root `/corpora/micro/rsna-pneumonia`" in syn
+
+
+def test_one_identity_in_two_files_is_an_error(results):
+    path = next(iter(sorted(results.rglob("frac0.1-seed0.json"))))
+    copy = path.with_name("frac0.1-seed0-copy.json")
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(ResultError, match="more than one result file") as e:
+        L.render(load_results(results))
+    assert str(path) in str(e.value) and str(copy) in str(e.value)
+
+
+def test_reference_section_says_which_columns_compare(tmp_path):
+    root = tmp_path / "results"
+    anchor = ("MGCA: the cached probe has neither the 256->224 crop nor augmentation", "BenchX: unrelated")
+    make(root, "m", "rsna-cls", 0.01, 0, 0.8, kind="real", preset="paper", data="/data/rsna", anchor=anchor)
+    make(root, "m", "rsna-cls", 1.0, 0, 0.9, kind="real", preset="paper", data="/data/rsna", anchor=anchor)
+    make(root, "m", "covidx-cls", 1.0, 0, 0.9, anchor=("MGCA: synthetic only",), metric="accuracy")
+    registry = L.Registered(anchor_differences={"chexpert-cls": ("MGCA: validation carved by patient",)})
+    md, _ = L.render(load_results(root), registry)
+    ref = section_text(md, "Reference").split("### Which of our columns compare")[1]
+    lines = ref.splitlines()
+    rsna = next(i for i, line in enumerate(lines) if line.startswith("- **RSNA**"))
+    assert "REAL preset `paper`, rsna-cls (data `/data/rsna`): 1%, 100%" in lines[rsna]
+    assert "(as recorded in the results)" in lines[rsna + 1]
+    assert lines[rsna + 2] == "  - MGCA: the cached probe has neither the 256->224 crop nor augmentation"
+    assert "BenchX" not in ref                                               # other anchors' sentences left out
+    chex = next(line for line in lines if line.startswith("- **CheXpert**"))
+    assert "none yet" in chex and "  - MGCA: validation carved by patient" in lines
+    # a SYNTHETIC covidx-cls result is never a comparable column, but its differences are listed
+    covidx = next(line for line in lines if line.startswith("- **COVIDx**"))
+    assert "none yet" in covidx and "  - MGCA: synthetic only" in lines
+    assert "SYNTHETIC columns, preset `tiny`" in ref and "are never comparable" in ref
