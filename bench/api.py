@@ -1,6 +1,6 @@
 """Contracts between the engine, methods and tasks.
 
-* A **method** is a factory ``(preset, checkpoint, seed) -> Encoder`` registered in ``METHODS``.
+* A **method** is a factory ``(preset, checkpoint, seed, data) -> Encoder`` registered in ``METHODS``.
 * An **Encoder** is an ``nn.Module`` with a frozen :class:`MethodCard` and the feature accessors
   below. Inputs are uint8 grayscale squares ``[B, 1, S, S]`` (S = ``card.image_size``) exactly as
   the image cache stores them; :meth:`Encoder.prepare` turns them into the normalised float tensor
@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from bench.data.splits import FRACTIONS  # noqa: F401  (the split layer builds the nested fractions: one home)
 from bench.registry import Registry
 
 PRESETS = ("tiny", "paper")
-FRACTIONS = (0.01, 0.1, 1.0)
 
 
 class Capability(str, enum.Enum):
@@ -112,10 +112,16 @@ class MethodEntry:
     """A registered method: a factory and a one-line description."""
 
     name: str
-    factory: Callable[..., Encoder]         # (preset: str, checkpoint: Path | None, seed: int) -> Encoder
+    #: ``(preset, checkpoint: Path | None, seed, data="synth") -> Encoder``; ``data`` is the run's data
+    #: source (``"synth"`` or a root), so a pretrained method picks its own synthetic pretraining on
+    #: the synthetic corpus and asks for ``--checkpoint`` on real data.
+    factory: Callable[..., Encoder]
     capabilities: frozenset[Capability]
     description: str
     needs_weights: bool = False             # True when no run is possible without a weights file
+    #: ``(preset, data, *, out_dir, resume, device) -> Path`` for methods that this harness can
+    #: pretrain (``python -m bench pretrain``); the folder returned holds the weights. None: not trainable here.
+    pretrain: Callable[..., Path] | None = None
 
 
 METHODS: Registry[MethodEntry] = Registry("method")
@@ -164,6 +170,9 @@ class TaskEntry:
     run: Callable[..., "TaskOutput"]        # (encoder, data, spec, device) -> TaskOutput
     description: str = ""
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> hyper-parameters
+    #: Where this protocol differs from its anchor's (MGCA, BenchX), one sentence each, starting with
+    #: the anchor's name ("MGCA: ..."); copied into results so a reader never mistakes it for the anchor's.
+    anchor_differences: tuple[str, ...] = ()
 
 
 @dataclass

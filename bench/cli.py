@@ -90,17 +90,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     if spec.data == "synth":
         log.info("--data synth (default): running on the SYNTHETIC corpus; pass --data ROOT for real data")
     t0 = time.perf_counter()
-    result, path, skipped = runner.run(spec, device=args.device, force=args.force)
+    result, path, skipped = runner.run(spec, device=args.device, force=args.force, skip_bad=args.skip_bad)
     value = result.main_value
     metric = f"{result.main_metric} {'nan' if value is None else f'{value:.4f}'}"
     if result.main_ci:
         lo, hi = result.main_ci
         metric += f" (95% CI {lo:.4f}-{hi:.4f})" if lo is not None and hi is not None else ""
     source = "SYNTHETIC" if result.data_kind == "synthetic" else "REAL"
+    n_skipped = int((result.data_source or {}).get("skipped_rows") or 0)
+    if n_skipped:  # a result on part of the dataset says so where it is read
+        source += f" ({n_skipped} rows skipped)"
     state = ("cached: finished result exists, --force to re-run" if skipped
              else f"ran in {time.perf_counter() - t0:.1f} s, task {result.wall_s:.1f} s")
     print(f"{result.task_name} | {result.method} | fraction {result.fraction:g} | seed {result.seed} | "
           f"{metric} | data {source} | {_rel(path)} ({state})")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from bench.api import METHODS
+
+    _load_all()
+    entry = METHODS.get(args.method)
+    if entry.pretrain is None:
+        trainable = [n for n, e in METHODS.items() if e.pretrain is not None]
+        raise BenchError(f"method {args.method!r} has no pretraining in this harness "
+                         f"(methods that do: {', '.join(trainable) or 'none'})")
+    if args.data == "synth":
+        log.info("--data synth (default): pretraining on the SYNTHETIC corpus's MIMIC-CXR")
+    t0 = time.perf_counter()
+    folder = entry.pretrain(args.preset, args.data, out_dir=args.out, resume=not args.restart, device=args.device)
+    print(f"{args.method} | preset {args.preset} | data {'SYNTHETIC' if args.data == 'synth' else 'REAL'} | "
+          f"weights {_rel(Path(folder))} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -220,6 +241,7 @@ def _print_value(value: Any) -> None:
 def cmd_perf(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("dataset", "data", "method", "fraction", "seed", "preset", "device",
                                              "checkpoint", "image_size", "batch_size", "limit", "repeats", "workers")}
+    options["skip_bad"] = True if args.skip_bad else None  # passed only when given (None = not set)
     if options["device"] is not None:
         from bench.env import resolve_device
 
@@ -272,9 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="default auto (cuda if available)")
     p.add_argument("--force", action="store_true", help="re-run even if a finished result exists")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed rows and missing or undecodable images instead of stopping; they are "
+                        "counted in the split manifest (so in its hash) and in the result's data_source")
     p.add_argument("--set", dest="set", metavar="KEY=VALUE", type=override_arg, action="append", default=[],
                    help="override a protocol setting (repeatable); recorded in the spec and the result path")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pretrain", help="pretrain a method's encoder (image-label or image-report pairs of MIMIC-CXR)",
+                       description="Pretrain METHOD on MIMIC-CXR (the synthetic corpus by default, or a "
+                                   "MIMIC-CXR-JPG root) and write its weights folder. A finished folder is "
+                                   "reused; an interrupted run resumes from its last finished epoch.")
+    p.add_argument("--method", required=True, help="method name (see `list`)")
+    p.add_argument("--data", default="synth", help="'synth' (default) or a MIMIC-CXR-JPG 2.0.0 root")
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--out", type=Path, default=None,
+                   help="weights folder (default: the cache folder `bench run` reads on the synthetic corpus)")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("list", help="list methods, tasks, datasets and which method can run which task")
     p.set_defaults(func=cmd_list)
@@ -326,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="data: number of images")
     p.add_argument("--repeats", type=int, default=None, help="data: repetitions")
     p.add_argument("--workers", type=int, default=None, help="data: worker processes")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="data: skip malformed rows and missing or undecodable images instead of stopping")
     p.set_defaults(func=cmd_perf)
 
     _add_data_group(sub)

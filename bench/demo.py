@@ -1,48 +1,48 @@
-"""``python -m bench demo``: every method x one task per family x three label fractions, on the
-synthetic corpus with the tiny preset, then the leaderboard.
+"""``python -m bench demo`` (what ``make demo`` runs): compute a subset of the committed grid on the
+synthetic corpus with the tiny preset, compare every cell with the committed result of the same
+identity, and build a leaderboard of the cells it ran.
 
-Finished cells are skipped (so a second demo is fast); a method that cannot run a cell (weights
-absent, a missing capability) is reported as ``skipped: reason`` instead of stopping the demo.
+The demo computes its cells; it never just reads the committed ones: results go to
+``<project>/.demo/results/`` (ignored by git; a second demo reuses them, ``--force`` recomputes),
+the committed ``results/`` are only read for the comparison, and the leaderboard of the demo's
+cells is written to ``.demo/leaderboard.md`` (``python -m bench table`` rebuilds the committed
+``leaderboard.md`` from ``results/``).
+
+Default grid (:data:`DEFAULT_TASKS` x every registered method x 3 fractions x seed 0): the four
+linear probes and one fine-tune. A method that cannot run a cell (weights absent, a missing
+capability) is reported as ``skipped: reason`` instead of stopping the demo.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from bench.api import FRACTIONS, METHODS, TASKS, RunSpec
 from bench.errors import CapabilityError, CheckpointError
-from bench.paths import REPO_ROOT, results_dir, synth_root
+from bench.paths import results_dir
 
 log = logging.getLogger(__name__)
 
-# family -> preferred task; families not listed use their first task by name
-PREFERRED_TASKS = {"linear-probe": "rsna-cls", "fine-tune": "rsna-ft"}
-CORPUS_SCALE = "tiny"
-CORPUS_SEED = 0
+DEFAULT_TASKS = ("rsna-cls", "chexpert-cls", "covidx-cls", "nih-cls", "rsna-ft")
+#: Absolute tolerance when comparing a demo cell with the committed result (the drift check's).
+MATCH_TOLERANCE = 1e-4
 
 
-def demo_tasks() -> list[str]:
-    """One task per registered family (the preferred one when registered)."""
-    by_family: dict[str, list[str]] = {}
-    for name, entry in TASKS.items():
-        by_family.setdefault(entry.family, []).append(name)
-    chosen = []
-    # families with a preferred task first (in that order: cheapest first), then the rest by name
-    order = list(PREFERRED_TASKS) + sorted(f for f in by_family if f not in PREFERRED_TASKS)
-    for family in (f for f in order if f in by_family):
-        names = sorted(by_family[family])
-        pref = PREFERRED_TASKS.get(family)
-        chosen.append(pref if pref in names else names[0])
-    return chosen
+def demo_dir() -> Path:
+    from bench.paths import leaderboard_dir
+
+    return leaderboard_dir() / ".demo"
 
 
-def ensure_corpus(scale: str = CORPUS_SCALE, seed: int = CORPUS_SEED) -> Path:
-    from bench.data.synth.corpus import ensure_corpus as _ensure
+def ensure_corpus() -> Path:
+    from bench.data.synth.corpus import DEFAULT_SCALE, ensure_corpus as _ensure
+    from bench.paths import synth_root
 
-    root = synth_root(scale, seed)
-    _ensure(root, scale, seed)
+    root = synth_root(DEFAULT_SCALE, 0)
+    _ensure(root, DEFAULT_SCALE, 0)
     return root
 
 
@@ -50,28 +50,69 @@ def _fmt(v: float | None) -> str:
     return "nan" if v is None else f"{v:.3f}"
 
 
+@dataclass
+class Comparison:
+    status: str          # "equal", "differs", "not committed"
+    max_delta: float = 0.0
+    detail: str = ""
+
+
+def compare_with_committed(result, path: Path, demo_root: Path, committed_root: Path) -> Comparison:
+    """Compare a demo result with the committed result at the same relative path."""
+    from bench.results import ResultError, load_result
+
+    committed = committed_root / path.relative_to(demo_root)
+    if not committed.is_file():
+        return Comparison("not committed")
+    try:
+        ref = load_result(committed)
+    except ResultError as e:
+        return Comparison("differs", float("inf"), f"committed file unreadable: {e}")
+    if ref.spec != result.spec:
+        return Comparison("differs", float("inf"), "spec differs")
+    if ref.manifest_sha256 != result.manifest_sha256:
+        return Comparison("differs", float("inf"), "split manifest differs")
+    worst, worst_name = 0.0, ""
+    for name in sorted(set(ref.metrics) | set(result.metrics)):
+        a, b = ref.metrics.get(name), result.metrics.get(name)
+        if a is None or b is None:
+            if a is not b:
+                return Comparison("differs", float("inf"), f"{name}: committed {a}, now {b}")
+            continue
+        if abs(a - b) > worst:
+            worst, worst_name = abs(a - b), name
+    if worst > MATCH_TOLERANCE:
+        return Comparison("differs", worst, f"largest change {worst_name} {worst:+.4f}")
+    return Comparison("equal", worst)
+
+
 def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = False,
          methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-         results_root: Path | None = None, leaderboard_out: Path | None = None, corpus: bool = True) -> int:
+         results_root: Path | None = None, leaderboard_out: Path | None = None, corpus: bool = True,
+         committed_root: Path | None = None) -> int:
     from bench import leaderboard, runner
 
     t0 = time.perf_counter()
-    results_root = results_dir() if results_root is None else Path(results_root)
-    leaderboard_out = REPO_ROOT / "leaderboard.md" if leaderboard_out is None else Path(leaderboard_out)
+    results_root = demo_dir() / "results" if results_root is None else Path(results_root)
+    committed_root = results_dir() if committed_root is None else Path(committed_root)
+    leaderboard_out = demo_dir() / "leaderboard.md" if leaderboard_out is None else Path(leaderboard_out)
     if corpus:
+        t1 = time.perf_counter()
         root = ensure_corpus()
-        print(f"synthetic corpus: {root}")
+        print(f"synthetic corpus: {root} ({time.perf_counter() - t1:.0f} s)", flush=True)
     runner.load_registries()
     method_names = list(methods) if methods else METHODS.names()
-    task_names = list(tasks) if tasks else demo_tasks()
+    task_names = list(tasks) if tasks else [t for t in DEFAULT_TASKS if t in TASKS]
     for name in method_names:
         METHODS.get(name)
     for name in task_names:
         TASKS.get(name)
     cells = [(t, m, f, s) for t in task_names for m in method_names for f in FRACTIONS for s in seeds]
     print(f"demo: {len(method_names)} methods x {len(task_names)} tasks ({', '.join(task_names)}) x "
-          f"{len(FRACTIONS)} fractions x {len(seeds)} seeds = {len(cells)} runs (SYNTHETIC data, preset tiny)")
-    counts = {"ran": 0, "cached": 0, "skipped": 0}
+          f"{len(FRACTIONS)} fractions x {len(seeds)} seeds = {len(cells)} runs (SYNTHETIC data, preset tiny) "
+          f"-> {results_root}", flush=True)
+    counts = {"ran": 0, "reused": 0, "skipped": 0}
+    matches = {"equal": 0, "differs": 0, "not committed": 0}
     reasons: dict[str, str] = {}      # full message -> method, each distinct reason printed once
     width = len(str(len(cells)))
     for i, (t, m, f, s) in enumerate(cells, 1):
@@ -79,7 +120,7 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
         spec = RunSpec(method=m, task=t, fraction=f, seed=s, preset="tiny", data="synth")
         t1 = time.perf_counter()
         try:
-            result, _, skipped = runner.run(spec, device=device, force=force, results_root=results_root)
+            result, path, skipped = runner.run(spec, device=device, force=force, results_root=results_root)
         except (CheckpointError, CapabilityError) as e:
             counts["skipped"] += 1
             first, _, rest = str(e).partition("\n")
@@ -87,16 +128,24 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
             print(f"{head}: skipped: {first}" + (" (details below)" if rest else ""), flush=True)
             continue
         ci = f" [{_fmt(result.main_ci[0])}, {_fmt(result.main_ci[1])}]" if result.main_ci else ""
-        state = "cached" if skipped else f"ran in {time.perf_counter() - t1:.1f} s"
-        counts["cached" if skipped else "ran"] += 1
-        print(f"{head}: {result.main_metric} {_fmt(result.main_value)}{ci} ({state})", flush=True)
+        state = "reused from an earlier demo" if skipped else f"ran in {time.perf_counter() - t1:.1f} s"
+        counts["reused" if skipped else "ran"] += 1
+        cmp = compare_with_committed(result, path, results_root, committed_root)
+        matches[cmp.status] += 1
+        note = {"equal": "= committed", "not committed": "no committed result"}.get(cmp.status, f"DIFFERS from committed: {cmp.detail}")
+        print(f"{head}: {result.main_metric} {_fmt(result.main_value)}{ci} ({state}; {note})", flush=True)
     for why, m in reasons.items():
         if "\n" in why:
             print(f"\nwhy {m} was skipped:\n{why}")
     leaderboard.build(results_root, leaderboard_out)
     elapsed = time.perf_counter() - t0
-    print(f"demo done in {elapsed:.1f} s: {counts['ran']} ran, {counts['cached']} cached, "
-          f"{counts['skipped']} skipped")
+    print(f"demo done in {elapsed:.1f} s: {counts['ran']} ran, {counts['reused']} reused, {counts['skipped']} skipped")
+    compared = matches["equal"] + matches["differs"]
+    verdict = ("all equal to the committed results" if compared and not matches["differs"]
+               else f"{matches['differs']} DIFFER from the committed results" if matches["differs"]
+               else "none has a committed counterpart")
+    print(f"versus committed results ({committed_root}): {matches['equal']} equal, {matches['differs']} differ, "
+          f"{matches['not committed']} not committed -> {verdict}")
     print(f"results:     {results_root}")
     print(f"leaderboard: {leaderboard_out} (plots in {leaderboard_out.parent / leaderboard.PLOTS_DIRNAME})")
-    return 0
+    return 1 if matches["differs"] else 0

@@ -3,4 +3,5 @@ from methods import (  # noqa: F401  (imported for registration)
     imagenet,
     pixels,
     random_init,
+    supervised,
 )

@@ -43,14 +43,16 @@ class PixelEncoder(Encoder):
         gray = x[:, :1]
         flat = gray.flatten(1)
         gray = (gray - flat.mean(1).view(-1, 1, 1, 1)) / flat.std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
-        thumb = F.avg_pool2d(gray, self.stride)                       # [B, 1, GRID, GRID]
+        # adaptive: the feature is the GRID x GRID thumbnail at whatever input size the task protocol feeds
+        thumb = F.adaptive_avg_pool2d(gray, GRID)                     # [B, 1, GRID, GRID]
         return Features(pooled=thumb.flatten(1), patches=thumb.flatten(2).transpose(1, 2), pyramid=[thumb])
 
     def backbone_parameters(self) -> list[torch.nn.Parameter]:
         return []
 
 
-def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: int = 0) -> PixelEncoder:
+def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: int = 0,
+            data: str = "synth") -> PixelEncoder:
     if checkpoint is not None:
         raise CheckpointError(f"method {NAME!r} has no weights and takes no checkpoint (got {checkpoint})")
     return PixelEncoder(backbone_preset(preset).image_size)

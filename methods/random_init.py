@@ -6,30 +6,30 @@ from pathlib import Path
 
 from bench.api import METHODS, Capability, MethodEntry
 from bench.errors import CheckpointError
-from methods.backbones import HALF_MEAN, HALF_STD, TimmEncoder, backbone_preset, make_card, seeded_backbone
+from methods.backbones import (HALF_MEAN, HALF_STD, BackbonePreset, TimmEncoder, backbone_preset, make_card,
+                               seeded_backbone)
 
 NAME = "random"
 CAPABILITIES = frozenset({Capability.IMAGE_GLOBAL, Capability.IMAGE_DENSE, Capability.TRAINABLE})
 
 
-def build_encoder(arch: str, image_size: int, seed: int = 0,
-                  out_indices: tuple[int, ...] = (1, 2, 3, 4)) -> TimmEncoder:
+def build_encoder(preset: BackbonePreset, seed: int = 0) -> TimmEncoder:
     """A randomly initialised timm backbone; the weights are a pure function of ``seed``."""
-    model = seeded_backbone(arch, out_indices, seed)
-    card = make_card(name=NAME, model=model, arch=arch, image_size=image_size, weights_tag="random-init",
+    model = seeded_backbone(preset.arch, preset.out_indices, seed, **preset.kwargs)
+    card = make_card(name=NAME, model=model, arch=preset.describe(), image_size=preset.image_size, weights_tag="random-init",
                      weights_sha256=None, mean=HALF_MEAN, std=HALF_STD, capabilities=CAPABILITIES,
                      reference="random initialisation (timm defaults), seeded by the run seed")
     return TimmEncoder(card, model)
 
 
-def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: int = 0) -> TimmEncoder:
+def factory(preset: str = "tiny", checkpoint: Path | str | None = None, seed: int = 0,
+            data: str = "synth") -> TimmEncoder:
     if checkpoint is not None:
         raise CheckpointError(f"method {NAME!r} takes no checkpoint (got {checkpoint}); "
                               "use method 'imagenet' or a pretrained method to load weights")
-    p = backbone_preset(preset)
-    return build_encoder(p.arch, p.image_size, seed, p.out_indices)
+    return build_encoder(backbone_preset(preset), seed)
 
 
 METHODS.add(NAME, MethodEntry(
     name=NAME, factory=factory, capabilities=CAPABILITIES,
-    description="random init (seeded), resnet18@128 (tiny) / resnet50@224 (paper), mean/std 0.5"))
+    description="random init (seeded), half-width resnet18@64 (tiny) / resnet50@224 (paper), mean/std 0.5"))

@@ -130,33 +130,40 @@ def test_demo_runs_every_method_and_reports_skips(world, monkeypatch, capsys, tm
     from bench import demo
     from bench.errors import CheckpointError
 
-    def no_weights(preset, checkpoint, seed):
+    def no_weights(preset, checkpoint, seed, data="synth"):
         raise CheckpointError("ImageNet weights not found (set MEDVLP_IMAGENET_WEIGHTS)")
 
     from bench.api import METHODS, MethodEntry
     monkeypatch.setitem(METHODS._items, "test-fake-noweights",
                         MethodEntry("test-fake-noweights", no_weights, DENSE, "needs weights", needs_weights=True))
     out = tmp_path / "lb.md"
-    assert demo.main(methods=[FAKE_METHOD, "test-fake-noweights"], tasks=[FAKE_TASK], device="cpu",
-                     results_root=tmp_path / "results", leaderboard_out=out, corpus=False) == 0
+    kw = dict(methods=[FAKE_METHOD, "test-fake-noweights"], tasks=[FAKE_TASK], device="cpu",
+              results_root=tmp_path / "demo", committed_root=tmp_path / "committed", leaderboard_out=out, corpus=False)
+    assert demo.main(**kw) == 0
     text = capsys.readouterr().out
     assert text.count("skipped: ImageNet weights not found") == 3
-    assert text.count("(ran in") == 3 and "3 ran, 0 cached, 3 skipped" in text
+    assert text.count("(ran in") == 3 and "3 ran, 0 reused, 3 skipped" in text
+    assert "0 equal, 0 differ, 3 not committed" in text
     assert out.exists()
-    demo.main(methods=[FAKE_METHOD], tasks=[FAKE_TASK], device="cpu", results_root=tmp_path / "results",
-              leaderboard_out=out, corpus=False)
-    assert "0 ran, 3 cached" in capsys.readouterr().out
 
+    # the demo's cells, committed: a fresh demo computes them again and finds them equal
+    import shutil
+    shutil.copytree(tmp_path / "demo", tmp_path / "committed")
+    shutil.rmtree(tmp_path / "demo")
+    assert demo.main(**kw) == 0
+    text = capsys.readouterr().out
+    assert "3 ran, 0 reused" in text and "3 equal, 0 differ" in text and "all equal to the committed" in text
 
-def test_demo_picks_one_task_per_family(world, monkeypatch):
-    from bench import demo
+    # a committed number that differs is reported, and the demo exits 1
+    world.offset = 0.01
+    shutil.rmtree(tmp_path / "demo")
+    assert demo.main(**kw) == 1
+    text = capsys.readouterr().out
+    assert "DIFFERS from committed" in text and "3 DIFFER" in text
 
-    for name, fam in [("rsna-cls", "linear-probe"), ("aaa-cls", "linear-probe"), ("zzz-ft", "fine-tune"),
-                      ("bbb-seg", "segmentation")]:
-        add_task(monkeypatch, world, name, family=fam)
-    chosen = demo.demo_tasks()
-    assert "rsna-cls" in chosen and "aaa-cls" not in chosen and "zzz-ft" in chosen and "bbb-seg" in chosen
-    assert len([t for t in chosen if t in ("rsna-cls", "aaa-cls")]) == 1
+    # a second demo reuses its own cells
+    assert demo.main(**kw) == 1
+    assert "0 ran, 3 reused" in capsys.readouterr().out
 
 
 def test_python_dash_m_help():

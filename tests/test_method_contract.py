@@ -67,6 +67,13 @@ def build(name: str, preset: str, seed: int, tmp_path: Path) -> Encoder:
     if name == "imagenet":
         ckpt = write_checkpoint(tmp_path / f"imagenet-{PRESET_ARCH[preset]}.pth", PRESET_ARCH[preset])
         return entry.factory(preset, ckpt, seed)
+    if name == "supervised":  # its weights are a file too (pretraining itself is tested elsewhere)
+        from safetensors.torch import save_file
+
+        model = METHODS.get("random").factory(preset, None, 99).model
+        ckpt = tmp_path / f"supervised-{preset}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+        return entry.factory(preset, ckpt, seed)
     try:
         return entry.factory(preset, None, seed)
     except CheckpointError as e:  # a new method that needs weights must teach this test to make them
@@ -126,7 +133,7 @@ def test_normalisation_conventions(tmp_path):
     assert build("random", "tiny", 0, tmp_path).card.std == (0.5, 0.5, 0.5)
     card = build("imagenet", "tiny", 0, tmp_path).card
     assert card.mean == IMAGENET_MEAN and card.std == IMAGENET_STD
-    assert card.backbone == "resnet18" and card.image_size == 128
+    assert card.backbone == "resnet18" and card.image_size == 64   # full width: the tiny half-width net has no ImageNet weights
     assert build("random", "paper", 0, tmp_path).card.backbone == "resnet50"
     assert build("random", "paper", 0, tmp_path).card.image_size == 224
 

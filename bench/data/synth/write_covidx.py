@@ -26,6 +26,7 @@ SCALES: dict[str, tuple[int, int, tuple[int, int]]] = {
     "micro": (24, 12, (64, 112)),
     "tiny": (500, 90, (192, 288)),
     "small": (2000, 360, (192, 288)),
+    "bench": (7600, 1000, (160, 192)),
 }
 #: Plausible sources per class (COVIDx aggregates them; the loader ignores the source).
 SOURCES = {"normal": ("rsna",), "pneumonia": ("rsna", "cohen"),

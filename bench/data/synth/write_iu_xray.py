@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 #: scale -> (studies, (min h, max h), (min w, max w))
 SCALES = {"micro": (10, (96, 112), (88, 96)), "tiny": (150, (256, 288), (224, 256)),
-          "small": (600, (256, 288), (224, 256))}
+          "small": (600, (256, 288), (224, 256)), "bench": (150, (256, 288), (224, 256))}
 SPLIT_FRACTIONS = (0.70, 0.10, 0.20)   # R2Gen: 2,069 / 296 / 590 studies
 
 

@@ -35,7 +35,7 @@ BOX_LABELS: dict[str, tuple[str, str]] = {
 #: box-file label -> entry-file label ("Infiltrate" -> "Infiltration")
 BOX_LABELS_BY_FILE: dict[str, str] = {file_label: entry_label for file_label, entry_label in BOX_LABELS.values()}
 #: scale -> (patients, image side). The real PNGs are 1024x1024.
-SCALES = {"micro": (10, 96), "tiny": (300, 256), "small": (1200, 256)}
+SCALES = {"micro": (10, 96), "tiny": (300, 256), "small": (1200, 256), "bench": (2000, 176)}
 
 
 def box_rows(case: DrawnCase) -> list[tuple[str, int, int, int, int]]:

@@ -27,6 +27,7 @@ SCALES: dict[str, tuple[int, int, tuple[int, int]]] = {
     "micro": (16, 8, (80, 128)),
     "tiny": (400, 100, (192, 288)),
     "small": (1600, 400, (192, 288)),
+    "bench": (400, 100, (192, 288)),
 }
 DEV_FIRST = 8001
 JPEG_QUALITY = 95

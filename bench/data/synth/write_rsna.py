@@ -21,7 +21,7 @@ from bench.data.synth.case import DrawnCase
 log = logging.getLogger(__name__)
 
 #: scale -> (patients, image side in pixels). The real images are 1024x1024.
-SCALES: dict[str, tuple[int, int]] = {"micro": (24, 96), "tiny": (600, 256), "small": (2400, 256)}
+SCALES: dict[str, tuple[int, int]] = {"micro": (24, 96), "tiny": (600, 256), "small": (2400, 256), "bench": (9600, 176)}
 OPACITY = "consolidation"   # the finding whose lesion boxes are RSNA's "Lung Opacity" boxes
 
 

@@ -23,7 +23,7 @@ from bench.data.synth.case import DrawnCase
 log = logging.getLogger(__name__)
 
 #: scale -> (images, image side in pixels). The real images are 1024x1024.
-SCALES: dict[str, tuple[int, int]] = {"micro": (24, 96), "tiny": (500, 256), "small": (2000, 256)}
+SCALES: dict[str, tuple[int, int]] = {"micro": (24, 96), "tiny": (500, 256), "small": (2000, 256), "bench": (500, 256)}
 FINDING = "pneumothorax"
 UID_ROOT = "1.2.276.0.7230010.3.1"
 JPEG_QUALITY = 95

@@ -1,0 +1,190 @@
+"""The pretraining loop every trainable method shares (``supervised`` today; the vision-language
+methods of later issues plug their objectives into the same loop).
+
+A method gives a model, the parameter groups that learn, an ``objective(batch) -> {name: loss}``
+(the sum of the terms is optimised; each term is logged) and a batch source
+``batches(epoch) -> iterator of batches``. The loop owns everything else:
+
+* AdamW with a linear-warmup cosine schedule (clamped at its end), gradient clipping, gradient
+  accumulation, bf16 autocast on CUDA;
+* one checkpoint per epoch, written atomically (``last.pt``: model, optimiser, scheduler, epoch,
+  step; readable with ``torch.load(weights_only=True)``), so ``resume=True`` continues from the
+  last finished epoch. Batches are drawn from generators derived from ``(seed, epoch)``, never from
+  the state of earlier epochs, so a resumed run ends with the same weights as an uninterrupted one
+  on CPU;
+* a loss log (``log.csv``: epoch, step, learning rate, every loss term, validation numbers) and a
+  progress bar with the time left.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from bench.env import autocast
+from bench.errors import CheckpointError
+from bench.progress import progress
+from tasks.common.schedule import warmup_cosine
+from tasks.common.seeding import generator  # noqa: F401  (re-exported: methods draw their batches with it)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+LOG_NAME = "log.csv"
+
+Batch = Any
+Objective = Callable[[Batch], Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Optimisation settings of one pretraining run (recorded with its checkpoint)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    accumulate: int = 1                 # optimiser step every `accumulate` batches
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A ``last.pt`` of this loop, read with ``weights_only=True`` (no pickled code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read pretraining checkpoint ({type(e).__name__}: {e})") from e
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a pretraining checkpoint (missing {missing})")
+    return state
+
+
+@dataclass
+class PretrainOutcome:
+    epochs_run: int                     # epochs finished in total (including resumed ones)
+    steps: int
+    resumed_from_epoch: int             # 0 when started fresh
+    history: list[dict[str, float]]     # one row per finished epoch
+    seconds: float                      # wall time of this call
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Objective,
+             batches: Callable[[int], Iterable[Batch]], steps_per_epoch: int, config: PretrainConfig, *,
+             work_dir: Path, device: torch.device, resume: bool = True, desc: str = "pretraining",
+             evaluate: Callable[[], Mapping[str, float]] | None = None) -> PretrainOutcome:
+    """Train ``model`` in place for ``config.epochs`` epochs; checkpoints and log in ``work_dir``.
+
+    ``batches(epoch)`` yields the batches of epoch ``epoch`` (1-based; draw its randomness from
+    :func:`generator` with ``(config.seed, f"...:{epoch}")``). ``evaluate()`` (optional) runs after
+    each epoch in eval mode and its numbers join the log row. With ``resume`` and a readable
+    ``work_dir/last.pt``, training continues after the checkpoint's epoch.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = max(1, math.ceil(steps_per_epoch / config.accumulate) * config.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
+        warmup_cosine, warmup=config.warmup_steps, total=total_steps, min_ratio=config.min_lr_ratio))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    history: list[dict[str, float]] = []
+    start_epoch, step, resumed = 1, 0, 0
+    ckpt = work_dir / CHECKPOINT_NAME
+    if resume and ckpt.is_file():
+        state = read_checkpoint(ckpt)
+        if state["config"] != config.to_dict():
+            raise CheckpointError(f"{ckpt}: written with other settings ({state['config']}); "
+                                  f"remove {work_dir} or pass the same settings ({config.to_dict()})")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step, resumed = int(state["epoch"]) + 1, int(state["step"]), int(state["epoch"])
+        history = [dict(r) for r in state.get("history", [])]
+        log.info("%s: resuming after epoch %d (step %d) from %s", desc, resumed, step, ckpt)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs + 1):
+        t_epoch = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        opt.zero_grad(set_to_none=True)
+        for i, batch in enumerate(progress(batches(epoch), f"{desc} epoch {epoch}/{config.epochs}",
+                                           total=steps_per_epoch, unit="batch")):
+            with autocast(device):
+                terms = dict(objective(batch))
+            loss = sum(t.float() for t in terms.values())
+            (loss / config.accumulate).backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            n_batches += 1
+            if (i + 1) % config.accumulate == 0 or i + 1 == steps_per_epoch:
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+        row: dict[str, float] = {"epoch": epoch, "step": step, "lr": float(opt.param_groups[0]["lr"])}
+        row.update({f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()})
+        if evaluate is not None:
+            model.eval()
+            with torch.no_grad():
+                row.update({k: float(v) for k, v in evaluate().items()})
+        row["seconds"] = round(time.perf_counter() - t_epoch, 3)
+        history.append(row)
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
+                            "config": config.to_dict(), "history": history}, ckpt)
+        _write_log(work_dir / LOG_NAME, history)
+        left = (config.epochs - epoch) * row["seconds"]
+        log.info("%s epoch %d/%d: %s (about %.0f s left)", desc, epoch, config.epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step")), left)
+    return PretrainOutcome(epochs_run=config.epochs, steps=step, resumed_from_epoch=resumed, history=history,
+                           seconds=time.perf_counter() - t0)
