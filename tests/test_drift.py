@@ -137,3 +137,26 @@ def test_isolated_cache_links_the_corpus(world, tmp_path):
         from bench.paths import cache_dir, synth_root
         assert cache_dir() == c and synth_root("tiny", 0).is_dir()
         assert synth_root("tiny", 0).resolve() == (tmp_path / "cache" / "synth" / "tiny-seed0").resolve()
+
+
+def _with_learning(result, prior, last):
+    import dataclasses
+
+    details = dict(result.details, prior_loss=prior, history=[{"epoch": 1, "train_loss": 2 * prior},
+                                                               {"epoch": 2, "train_loss": last}])
+    return dataclasses.replace(result, details=details)
+
+
+def test_learning_cell_fails_when_its_training_stops_learning(golden):
+    cell = drift.GoldenCell(FAKE_METHOD, FAKE_TASK, 0.1, learns=True)
+    result = load_result(drift.golden_path(CELLS[0], golden))
+    assert drift.learning_row(cell, _with_learning(result, 0.6, 0.3)).ok
+    stalled = drift.learning_row(cell, _with_learning(result, 0.6, 0.58))     # 0.97 of the prior
+    assert not stalled.ok and stalled.status == "DOES NOT LEARN" and stalled.delta == pytest.approx(0.58 / 0.6)
+    missing = drift.learning_row(cell, result)                                 # no prior_loss recorded
+    assert not missing.ok and missing.status.startswith("NO LEARNING RECORD")
+
+
+def test_the_default_suite_has_learning_cells():
+    assert any(c.learns and c.task.endswith("-ft") for c in drift.GOLDEN_CELLS)
+    assert any(c.method != "random" and c.task.endswith("-cls") for c in drift.GOLDEN_CELLS)
