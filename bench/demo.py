@@ -27,8 +27,6 @@ from bench.paths import results_dir
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("rsna-cls", "chexpert-cls", "covidx-cls", "nih-cls", "rsna-ft")
-#: Absolute tolerance when comparing a demo cell with the committed result (the drift check's).
-MATCH_TOLERANCE = 1e-4
 
 
 def demo_dir() -> Path:
@@ -53,12 +51,13 @@ def _fmt(v: float | None) -> str:
 @dataclass
 class Comparison:
     status: str          # "equal", "differs", "not committed"
-    max_delta: float = 0.0
     detail: str = ""
 
 
 def compare_with_committed(result, path: Path, demo_root: Path, committed_root: Path) -> Comparison:
-    """Compare a demo result with the committed result at the same relative path."""
+    """Compare a demo result with the committed result at the same relative path, with the drift
+    check's comparison (spec, task version, manifest, every metric within its tolerance)."""
+    from bench.drift import compare
     from bench.results import ResultError, load_result
 
     committed = committed_root / path.relative_to(demo_root)
@@ -67,23 +66,13 @@ def compare_with_committed(result, path: Path, demo_root: Path, committed_root: 
     try:
         ref = load_result(committed)
     except ResultError as e:
-        return Comparison("differs", float("inf"), f"committed file unreadable: {e}")
-    if ref.spec != result.spec:
-        return Comparison("differs", float("inf"), "spec differs")
-    if ref.manifest_sha256 != result.manifest_sha256:
-        return Comparison("differs", float("inf"), "split manifest differs")
-    worst, worst_name = 0.0, ""
-    for name in sorted(set(ref.metrics) | set(result.metrics)):
-        a, b = ref.metrics.get(name), result.metrics.get(name)
-        if a is None or b is None:
-            if a is not b:
-                return Comparison("differs", float("inf"), f"{name}: committed {a}, now {b}")
-            continue
-        if abs(a - b) > worst:
-            worst, worst_name = abs(a - b), name
-    if worst > MATCH_TOLERANCE:
-        return Comparison("differs", worst, f"largest change {worst_name} {worst:+.4f}")
-    return Comparison("equal", worst)
+        return Comparison("differs", f"committed file unreadable: {e}")
+    failures = [r for r in compare(path.stem, ref, result) if not r.ok]
+    if failures:
+        first = failures[0]
+        delta = "" if first.delta is None else f" {first.delta:+.4f}"
+        return Comparison("differs", f"{first.metric}: {first.status}{delta}")
+    return Comparison("equal")
 
 
 def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = False,

@@ -21,8 +21,6 @@ import csv
 import io
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -35,6 +33,7 @@ from torch import nn
 from bench.env import autocast
 from bench.errors import CheckpointError
 from bench.progress import progress
+from bench.results import atomic_write
 from tasks.common.schedule import warmup_cosine
 from tasks.common.seeding import generator  # noqa: F401  (re-exported: methods draw their batches with it)
 
@@ -65,22 +64,6 @@ class PretrainConfig:
         return asdict(self)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A ``last.pt`` of this loop, read with ``weights_only=True`` (no pickled code runs)."""
     try:
@@ -106,13 +89,12 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for row in history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
 
 
 def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Objective,
@@ -179,9 +161,9 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
                 row.update({k: float(v) for k, v in evaluate().items()})
         row["seconds"] = round(time.perf_counter() - t_epoch, 3)
         history.append(row)
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "step": step,
-                            "config": config.to_dict(), "history": history}, ckpt)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch, "step": step, "config": config.to_dict(), "history": history}
+        atomic_write(ckpt, lambda fh: torch.save(state, fh))
         _write_log(work_dir / LOG_NAME, history)
         left = (config.epochs - epoch) * row["seconds"]
         log.info("%s epoch %d/%d: %s (about %.0f s left)", desc, epoch, config.epochs,

@@ -294,7 +294,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(fileobj)`` into a temp file in the same folder, fsync, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -343,13 +343,13 @@ def write_result(result: Result, path: Path,
     pred_file = predictions_path(path)
     if predictions is not None:
         rows = list(predictions)
-        _atomic_write(pred_file, lambda fh: _write_predictions(fh, rows))
+        atomic_write(pred_file, lambda fh: _write_predictions(fh, rows))
         result = dataclasses.replace(result, predictions=pred_file.name, predictions_sha256=sha256_file(pred_file))
     else:
         pred_file.unlink(missing_ok=True)
         result = dataclasses.replace(result, predictions=None, predictions_sha256=None)
     text = dumps(result.to_dict()).encode("utf-8")
-    _atomic_write(path, lambda fh: fh.write(text))
+    atomic_write(path, lambda fh: fh.write(text))
     log.debug("wrote %s", path)
     return Result.from_dict(json.loads(text), path=path)
 
@@ -452,7 +452,7 @@ def find_existing(path: Path) -> tuple[Result | None, str]:
 
 
 __all__ = [
-    "FLOAT_DIGITS", "GOLDEN_DIRNAME", "PREDICTIONS_SUFFIX", "Result", "ResultError", "SCHEMA_VERSION",
+    "FLOAT_DIGITS", "GOLDEN_DIRNAME", "atomic_write", "PREDICTIONS_SUFFIX", "Result", "ResultError", "SCHEMA_VERSION",
     "data_label", "data_tag", "dumps", "find_existing", "load_result", "load_results", "predictions_path",
     "read_predictions", "result_files", "result_path", "run_stem", "sha256_file", "stale_reason",
     "to_jsonable", "variant_hash", "write_result",

@@ -94,13 +94,13 @@ def test_result_contents_and_rounding(world, tmp_path):
 
 def test_predictions_are_written_before_the_json(world, monkeypatch):
     order: list[str] = []
-    real = R._atomic_write
+    real = R.atomic_write
 
     def spy(path, write):
         order.append(Path(path).name)
         return real(path, write)
 
-    monkeypatch.setattr(R, "_atomic_write", spy)
+    monkeypatch.setattr(R, "atomic_write", spy)
     run(spec())
     assert order == ["frac0.1-seed0.predictions.jsonl.gz", "frac0.1-seed0.json"]
 
@@ -116,7 +116,7 @@ def _finished_files(d: Path) -> list[Path]:
 def test_failure_while_writing_json_leaves_nothing_finished(world, tmp_path, monkeypatch):
     _, path, _ = run(spec())
     assert path.exists()
-    real = R._atomic_write
+    real = R.atomic_write
 
     def crash_half_way(p, write):
         if not Path(p).name.endswith(".json"):
@@ -127,7 +127,7 @@ def test_failure_while_writing_json_leaves_nothing_finished(world, tmp_path, mon
             raise OSError("disk full")                                 # ... then the disk fills up
         return real(p, half)
 
-    monkeypatch.setattr(R, "_atomic_write", crash_half_way)
+    monkeypatch.setattr(R, "atomic_write", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
         run(spec(), force=True)
     # the old result was un-finished before writing, the new one never appeared, no temp files remain
@@ -141,7 +141,7 @@ def test_failure_in_fsync_leaves_no_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(R.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="io error"):
-        R._atomic_write(tmp_path / "a.json", lambda fh: fh.write(b"{}"))
+        R.atomic_write(tmp_path / "a.json", lambda fh: fh.write(b"{}"))
     assert list(tmp_path.iterdir()) == []
 
 
