@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import abc
+import difflib
 import enum
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +55,10 @@ class MethodCard:
     pretrain_datasets: frozenset[str] = frozenset()
     reference: str = ""
     license: str = ""
+    pooling: str = "avg"                    # how `pooled` is made: "avg" (CNN) or "cls" (a ViT's CLS token)
+    local_stride: int | None = None         # stride of the level a method's local features come from
+    text_tokenizer: str | None = None       # TEXT only: "tiny-wordpiece" (trained here) or "local-bert"
+    text_max_length: int | None = None      # TEXT only: tokens per report, [CLS]/[SEP] included
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,6 +113,30 @@ class Encoder(nn.Module, abc.ABC):
 
 
 @dataclass(frozen=True)
+class MethodOption:
+    """A method setting users can switch (``--set <method>.<key>=value``): part of the run's identity."""
+
+    default: Any
+    doc: str
+    affects_weights: bool = True            # False: only where weights are read from (a directory)
+
+
+def resolve_options(method: str, known: Mapping[str, MethodOption], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` (keys with or without the ``<method>.`` prefix) over the defaults; unknown keys are errors."""
+    from bench.errors import BenchError
+
+    out = {k: o.default for k, o in known.items()}
+    for key, value in given.items():
+        bare = key[len(method) + 1:] if key.startswith(method + ".") else key
+        if bare not in known:
+            close = difflib.get_close_matches(bare, list(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise BenchError(f"method {method!r} has no option {bare!r}{hint} (options: {', '.join(sorted(known))})")
+        out[bare] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """A registered method: a factory and a one-line description."""
 
@@ -122,6 +151,15 @@ class MethodEntry:
     #: ``(preset, data, *, out_dir, resume, device) -> Path`` for methods that this harness can
     #: pretrain (``python -m bench pretrain``); the folder returned holds the weights. None: not trainable here.
     pretrain: Callable[..., Path] | None = None
+    #: Switches of the method (``--set <name>.<key>=value`` on ``run`` and ``pretrain``); the factory and
+    #: ``pretrain`` take them as ``options=``. Empty: the method has none.
+    options: Mapping[str, MethodOption] = field(default_factory=dict)
+    #: The pretraining losses as a function of plain tensors (``methods.<name>.objective``), returning
+    #: a dict of named terms; None for methods without a pretraining objective of their own.
+    objective: Callable[..., Mapping[str, torch.Tensor]] | None = None
+    #: ``convert(official_state_dict, **kw) -> (our_state_dict, coverage report)`` for the authors'
+    #: released checkpoints; None when none were released.
+    convert: Callable[..., Any] | None = None
 
 
 METHODS: Registry[MethodEntry] = Registry("method")

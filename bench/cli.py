@@ -119,10 +119,40 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.data == "synth":
         log.info("--data synth (default): pretraining on the SYNTHETIC corpus's MIMIC-CXR")
     t0 = time.perf_counter()
-    folder = entry.pretrain(args.preset, args.data, out_dir=args.out, resume=not args.restart, device=args.device)
+    kwargs: dict[str, Any] = {}
+    if args.set:
+        from bench.api import resolve_options
+
+        given = {(k[len(args.method) + 1:] if k.startswith(args.method + ".") else k): v for k, v in args.set}
+        resolve_options(args.method, entry.options, given)
+        kwargs["options"] = given
+    if args.nproc > 1:
+        return _torchrun_pretrain(args)
+    from bench.pretrain import init_distributed
+
+    init_distributed()       # under torchrun (WORLD_SIZE > 1): join the process group
+    folder = entry.pretrain(args.preset, args.data, out_dir=args.out, resume=not args.restart, device=args.device,
+                            **kwargs)
+    from bench.pretrain import dist_info
+
+    if dist_info()[0] != 0:
+        return 0
     print(f"{args.method} | preset {args.preset} | data {'SYNTHETIC' if args.data == 'synth' else 'REAL'} | "
           f"weights {_rel(Path(folder))} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _torchrun_pretrain(args: argparse.Namespace) -> int:
+    """``--nproc N``: the same command under ``torchrun`` with N processes (DDP; gloo on CPU, nccl on CUDA)."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--nproc")
+    del argv[i:i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "bench", *argv]
+    log.info("launching %s", " ".join(cmd))
+    return subprocess.call(cmd)
 
 
 def _load_all() -> None:
@@ -228,10 +258,26 @@ def _print_value(value: Any) -> None:
         return
     from tabulate import tabulate
 
+    def is_table(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(r, dict) for r in v)
+
+    def is_lines(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(r, str) for r in v)
+
     if hasattr(value, "to_string"):
         print(value.to_string())
     elif isinstance(value, dict):
-        print(tabulate([[k, v] for k, v in value.items()], headers=["key", "value"], tablefmt="simple"))
+        # scalars as key/value rows; a list of dicts as its own table and a list of strings as lines, below
+        print(tabulate([[k, v] for k, v in value.items() if not (is_table(v) or is_lines(v))],
+                       headers=["key", "value"], tablefmt="simple"))
+        for k, v in value.items():
+            if is_table(v):
+                print(f"\n{k}:")
+                print(tabulate(v, headers="keys", tablefmt="simple"))
+            elif is_lines(v):
+                print(f"\n{k}:")
+                for line in v:
+                    print(f"  - {line}")
     elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
         print(tabulate(value, headers="keys", tablefmt="simple"))
     else:
@@ -240,14 +286,17 @@ def _print_value(value: Any) -> None:
 
 def cmd_perf(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("dataset", "data", "method", "fraction", "seed", "preset", "device",
-                                             "checkpoint", "image_size", "batch_size", "limit", "repeats", "workers")}
+                                             "checkpoint", "image_size", "batch_size", "limit", "repeats", "workers",
+                                             "methods", "steps", "warmup", "threads", "gpu_preset")}
     options["skip_bad"] = True if args.skip_bad else None  # passed only when given (None = not set)
-    if options["device"] is not None:
+    if options["device"] is not None and args.perf_what != "pretrain":   # pretrain: "auto" = CPU and GPU parts
         from bench.env import resolve_device
 
         options["device"] = str(resolve_device(options["device"]))
     if args.perf_what == "data":
         from bench.data.perf import perf_data as fn
+    elif args.perf_what == "pretrain":
+        from methods.vlp.perf import perf_pretrain as fn
     else:
         from tasks.classification import perf_probe as fn
     _print_value(_call_with_supported(fn, options))
@@ -312,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights folder (default: the cache folder `bench run` reads on the synthetic corpus)")
     p.add_argument("--restart", action="store_true", help="discard an interrupted run instead of resuming it")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--set", dest="set", metavar="KEY=VALUE", type=override_arg, action="append", default=[],
+                   help="method option (repeatable), e.g. mgca.official_quirks=true; part of the weights' identity")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="DDP processes on this machine (relaunches under torchrun; or run under torchrun yourself)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("list", help="list methods, tasks, datasets and which method can run which task")
@@ -346,26 +399,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="leaderboard file (default: leaderboard.md)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("perf", help="throughput: data pipeline (decode vs cache) or linear probe (cached vs augmented)",
+    p = sub.add_parser("perf", help="throughput: data pipeline (decode vs cache), linear probe (cached vs augmented) "
+                                    "or vision-language pretraining (pairs/s, peak memory, MGCA loss time, MFU)",
                        description="Options left out take the measuring function's defaults; an option the "
                                    "function does not take is an error.")
-    p.add_argument("perf_what", choices=("data", "probe"), metavar="{data,probe}",
-                   help="data: bench.data.perf.perf_data; probe: tasks.classification.perf_probe")
+    p.add_argument("perf_what", choices=("data", "probe", "pretrain"), metavar="{data,probe,pretrain}",
+                   help="data: bench.data.perf.perf_data; probe: tasks.classification.perf_probe; pretrain: "
+                        "methods.vlp.perf.perf_pretrain (each method's optimiser steps at the tiny preset on CPU, "
+                        "in its own process; the paper preset in bf16 with MFU on a GPU; MGCA's loss alone at "
+                        "the paper's shapes)")
     p.add_argument("--dataset", default=None, help="dataset name (e.g. rsna)")
     p.add_argument("--data", default=None, help="'synth' or a dataset root")
     p.add_argument("--method", default=None, help="probe: method name")
     p.add_argument("--fraction", type=fraction_arg, default=None, help="probe: label fraction")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--preset", choices=PRESETS, default=None, help="probe: preset")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="probe: device")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="probe: preset; pretrain: preset of the CPU part (tiny)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="probe: device; pretrain: cpu, cuda or auto (the CPU part, plus the CUDA part when a GPU "
+                        "is there)")
     p.add_argument("--checkpoint", default=None, help="probe: weights file")
     p.add_argument("--image-size", type=int, default=None, help="data: image size")
-    p.add_argument("--batch-size", type=int, default=None, help="data: batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="data: batch size; pretrain: pairs per step (tiny 64, paper 72)")
     p.add_argument("--limit", type=int, default=None, help="data: number of images")
-    p.add_argument("--repeats", type=int, default=None, help="data: repetitions")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="data: repetitions; pretrain: repeats of the MGCA loss timing")
     p.add_argument("--workers", type=int, default=None, help="data: worker processes")
     p.add_argument("--skip-bad", action="store_true",
                    help="data: skip malformed rows and missing or undecodable images instead of stopping")
+    p.add_argument("--methods", default=None, help="pretrain: comma-separated methods (default convirt,gloria,mgca)")
+    p.add_argument("--steps", type=int, default=None, help="pretrain: timed optimiser steps per method")
+    p.add_argument("--warmup", type=int, default=None, help="pretrain: untimed steps before them")
+    p.add_argument("--threads", type=int, default=None,
+                   help="pretrain: CPU threads (default $MEDVLP_BENCH_THREADS or 2)")
+    p.add_argument("--gpu-preset", choices=PRESETS, default=None, help="pretrain: preset of the CUDA part (paper)")
     p.set_defaults(func=cmd_perf)
 
     _add_data_group(sub)

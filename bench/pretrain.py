@@ -97,17 +97,91 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write(path, lambda fh: fh.write(buf.getvalue().encode()))
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside ``torchrun``/DDP."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group ``torchrun`` describes (env ``WORLD_SIZE`` > 1); gloo on CPU, nccl on CUDA."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def _all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Epoch means averaged over DDP ranks (each rank saw its own share of every batch)."""
+    rank, world = dist_info()
+    if world == 1 or not values:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+class _TensorBoard:
+    """Scalars to ``work_dir/tensorboard`` when the ``tensorboard`` package is installed (else a no-op, logged once)."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the CSV log has the same numbers
+            log.warning("tensorboard is not installed: loss log in CSV only")
+            return
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def scalars(self, row: Mapping[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in row.items():
+            if k not in ("epoch", "step") and isinstance(v, (int, float)):
+                self.writer.add_scalar(k.replace("_", "/", 1) if k.startswith(("train_", "val_")) else k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Objective,
              batches: Callable[[int], Iterable[Batch]], steps_per_epoch: int, config: PretrainConfig, *,
              work_dir: Path, device: torch.device, resume: bool = True, desc: str = "pretraining",
-             evaluate: Callable[[], Mapping[str, float]] | None = None) -> PretrainOutcome:
+             evaluate: Callable[[], Mapping[str, float]] | None = None,
+             frozen: Callable[[], Iterable[nn.Parameter]] | None = None,
+             record: Mapping[str, Any] | None = None, tensorboard: bool = True) -> PretrainOutcome:
     """Train ``model`` in place for ``config.epochs`` epochs; checkpoints and log in ``work_dir``.
 
     ``batches(epoch)`` yields the batches of epoch ``epoch`` (1-based; draw its randomness from
     :func:`generator` with ``(config.seed, f"...:{epoch}")``). ``evaluate()`` (optional) runs after
     each epoch in eval mode and its numbers join the log row. With ``resume`` and a readable
     ``work_dir/last.pt``, training continues after the checkpoint's epoch.
+
+    Under DDP (``torchrun``; the caller wraps the model and shards the batches) only rank 0 writes
+    the checkpoint and logs; logged losses are averaged over ranks. ``frozen()`` names parameters
+    that must not move this epoch (their gradients are dropped before the step, as MGCA freezes its
+    prototypes in the first epoch). ``record`` is stored in the checkpoint (e.g. the DDP contrast
+    choice); a resume with a different record is refused like one with different settings.
     """
+    rank, world = dist_info()
+    record = dict(record or {})
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
@@ -121,7 +195,7 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
     ckpt = work_dir / CHECKPOINT_NAME
     if resume and ckpt.is_file():
         state = read_checkpoint(ckpt)
-        if state["config"] != config.to_dict():
+        if state["config"] != config.to_dict() or dict(state.get("record") or {}) != record:
             raise CheckpointError(f"{ckpt}: written with other settings ({state['config']}); "
                                   f"remove {work_dir} or pass the same settings ({config.to_dict()})")
         model.load_state_dict(state["model"])
@@ -130,6 +204,7 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
         start_epoch, step, resumed = int(state["epoch"]) + 1, int(state["step"]), int(state["epoch"])
         history = [dict(r) for r in state.get("history", [])]
         log.info("%s: resuming after epoch %d (step %d) from %s", desc, resumed, step, ckpt)
+    board = _TensorBoard(work_dir / "tensorboard", tensorboard and rank == 0)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         t_epoch = time.perf_counter()
@@ -147,6 +222,8 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             n_batches += 1
             if (i + 1) % config.accumulate == 0 or i + 1 == steps_per_epoch:
+                for p in (frozen() if frozen is not None else ()):
+                    p.grad = None
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 opt.step()
@@ -154,19 +231,26 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
                 opt.zero_grad(set_to_none=True)
                 step += 1
         row: dict[str, float] = {"epoch": epoch, "step": step, "lr": float(opt.param_groups[0]["lr"])}
-        row.update({f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()})
+        row.update(_all_mean({f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}))
         if evaluate is not None:
             model.eval()
             with torch.no_grad():
                 row.update({k: float(v) for k, v in evaluate().items()})
         row["seconds"] = round(time.perf_counter() - t_epoch, 3)
         history.append(row)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "epoch": epoch, "step": step, "config": config.to_dict(), "history": history}
-        atomic_write(ckpt, lambda fh: torch.save(state, fh))
-        _write_log(work_dir / LOG_NAME, history)
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "step": step, "config": config.to_dict(), "history": history, "record": record}
+            atomic_write(ckpt, lambda fh: torch.save(state, fh))
+            _write_log(work_dir / LOG_NAME, history)
+            board.scalars(row, step)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         left = (config.epochs - epoch) * row["seconds"]
         log.info("%s epoch %d/%d: %s (about %.0f s left)", desc, epoch, config.epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step")), left)
+    board.close()
     return PretrainOutcome(epochs_run=config.epochs, steps=step, resumed_from_epoch=resumed, history=history,
                            seconds=time.perf_counter() - t0)

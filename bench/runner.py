@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bench import env
-from bench.api import METHODS, TASKS, MethodEntry, RunSpec, TaskEntry, TaskOutput
+from bench.api import METHODS, TASKS, MethodEntry, RunSpec, TaskEntry, TaskOutput, resolve_options
 from bench.errors import BenchError, CapabilityError, CheckpointError
 from bench.identity import weights_identity
 from bench.results import (
@@ -52,7 +52,7 @@ def input_size(spec: RunSpec, task: TaskEntry, card_size: int) -> int:
     """The image size a run feeds its encoder: the task protocol's (its ``image_size`` setting, or the
     override), else the encoder card's. The image cache is prepared at this size."""
     default = (task.settings.get(spec.preset) or {}).get("image_size", card_size)
-    return int(dict(spec.overrides).get("image_size", default))
+    return int(dict(task_overrides(spec)).get("image_size", default))
 
 
 def missing_capabilities(method: MethodEntry, task: TaskEntry) -> list[str]:
@@ -84,7 +84,7 @@ def normalise_spec(spec: RunSpec, task: TaskEntry) -> RunSpec:
             changes["protocol"] = None
     settings = task.settings.get(spec.preset) or {}
     if settings:
-        for key, _ in spec.overrides:
+        for key, _ in task_overrides(spec):
             if key not in settings:
                 close = difflib.get_close_matches(key, list(settings), n=3, cutoff=0.5)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -97,6 +97,37 @@ def normalise_spec(spec: RunSpec, task: TaskEntry) -> RunSpec:
     if spec.data != "synth":
         changes["data"] = str(Path(spec.data).expanduser().resolve())
     return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def split_overrides(spec: RunSpec) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+    """``--set`` pairs -> (task protocol overrides, method options): keys ``<method>.<option>`` are the
+    method's switches (``mgca.official_quirks=true``); every other key is a task setting."""
+    prefix = spec.method + "."
+    task_part = tuple((k, v) for k, v in spec.overrides if not k.startswith(prefix))
+    method_part = {k[len(prefix):]: v for k, v in spec.overrides if k.startswith(prefix)}
+    return task_part, method_part
+
+
+def task_overrides(spec: RunSpec) -> tuple[tuple[str, Any], ...]:
+    return split_overrides(spec)[0]
+
+
+def method_options(spec: RunSpec, method: MethodEntry) -> dict[str, Any]:
+    """The run's method options, validated against the method's declared options (refused when unknown)."""
+    given = split_overrides(spec)[1]
+    if given and not method.options:
+        raise BenchError(f"method {method.name!r} has no options (got {', '.join(sorted(given))})")
+    resolve_options(method.name, method.options, given)      # raises on an unknown key
+    return given
+
+
+def build_encoder(method: MethodEntry, spec: RunSpec) -> Any:
+    """The method's encoder for ``spec``; options only reach factories that take them."""
+    options = method_options(spec, method)
+    kwargs: dict[str, Any] = {"data": spec.data}
+    if method.options:
+        kwargs["options"] = options
+    return method.factory(spec.preset, Path(spec.checkpoint) if spec.checkpoint else None, spec.seed, **kwargs)
 
 
 def checkpoint_sha256(checkpoint: str | None) -> str | None:
@@ -174,6 +205,7 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
     method = METHODS.get(spec.method)
     check_capabilities(method, task)                      # before any work
     spec = normalise_spec(spec, task)
+    method_options(spec, method)                          # an unknown method option: before any work
     ckpt_sha = checkpoint_sha256(spec.checkpoint)
     path = result_path(spec, task, results_root)
 
@@ -193,8 +225,7 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
     log.info("%s x %s: fraction %s, seed %d, preset %s, data %s, device %s", spec.task, spec.method,
              spec.fraction, spec.seed, spec.preset, spec.data, dev)
 
-    encoder = method.factory(spec.preset, Path(spec.checkpoint) if spec.checkpoint else None, spec.seed,
-                             data=spec.data)
+    encoder = build_encoder(method, spec)
     card_missing = sorted(str(c) for c in task.requires - encoder.card.capabilities)
     if card_missing:
         raise CapabilityError(f"encoder of method {spec.method!r} (card {encoder.card.name!r}) lacks "
@@ -225,10 +256,11 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    out = _check_output(task.run(encoder, data, spec, dev), task)
+    # the task sees its own settings only; method options are the encoder's business
+    out = _check_output(task.run(encoder, data, dataclasses.replace(spec, overrides=task_overrides(spec)), dev), task)
     wall = time.perf_counter() - t0
 
-    settings = {**(task.settings.get(spec.preset) or {}), **dict(spec.overrides)}
+    settings = {**(task.settings.get(spec.preset) or {}), **dict(task_overrides(spec))}
     main_ci = out.ci.get(task.main_metric)
     result = Result(
         spec=to_jsonable(spec.to_dict()),
@@ -250,7 +282,8 @@ def run(spec: RunSpec, *, device: str | torch.device = "auto", force: bool = Fal
         ci={k: [v[0], v[1]] for k, v in out.ci.items()},
         details=_jsonable_or_repr(out.details),
         data_source=_jsonable_or_repr(source),
-        method_card=encoder.card.to_dict(),
+        method_card={**encoder.card.to_dict(), "options": _jsonable_or_repr(resolve_options(
+            method.name, method.options, method_options(spec, method))) if method.options else {}},
         checkpoint_sha256=ckpt_sha,
         weights_sha256=weights.sha256,
         weights_origin=weights.origin,

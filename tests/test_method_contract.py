@@ -74,10 +74,58 @@ def build(name: str, preset: str, seed: int, tmp_path: Path) -> Encoder:
         ckpt = tmp_path / f"supervised-{preset}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
         return entry.factory(preset, ckpt, seed)
+    if entry.options and "image_arch" in entry.options:   # a vision-language method: a weights folder
+        return entry.factory(preset, vlp_folder(name, preset, tmp_path), seed, options=vlp_options(preset, tmp_path))
     try:
         return entry.factory(preset, None, seed)
     except CheckpointError as e:  # a new method that needs weights must teach this test to make them
         pytest.fail(f"method {name!r} needs a checkpoint: add a builder for it in tests/test_method_contract.py ({e})")
+
+
+def local_bert(tmp_path: Path) -> Path:
+    """A small BERT saved the Hugging Face way, standing in for a local Bio_ClinicalBERT directory."""
+    from transformers import BertConfig, BertModel
+
+    from methods.vlp import text as T
+
+    folder = tmp_path / "bert"
+    if not (folder / "config.json").is_file():
+        tok = T.fast_tokenizer(T.train_wordpiece(["no acute cardiopulmonary process", "mild edema"] * 3, 100))
+        tok.save_pretrained(str(folder))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            BertModel(BertConfig(vocab_size=T.tokenizer_vocab_size(tok), hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=128)).save_pretrained(str(folder))
+    return folder
+
+
+def vlp_options(preset: str, tmp_path: Path) -> dict:
+    return {"text_model_dir": str(local_bert(tmp_path))} if preset == "paper" else {}
+
+
+def vlp_folder(name: str, preset: str, tmp_path: Path) -> Path:
+    """A weights folder as `bench pretrain` writes it, with untrained weights (pretraining is tested elsewhere)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from bench.api import resolve_options
+    from methods.vlp import method as M
+    from methods.vlp import text as T
+
+    definition = getattr(__import__(f"methods.{name}", fromlist=["DEFINITION"]), "DEFINITION")
+    opts = resolve_options(name, definition.all_options(), vlp_options(preset, tmp_path))
+    if preset == "tiny":
+        tok = T.fast_tokenizer(T.train_wordpiece(["no acute cardiopulmonary process", "mild edema"] * 3, 100))
+    else:
+        tok = T.local_tokenizer(local_bert(tmp_path))
+    model = M.build_model(definition, preset, opts, tokenizer=tok)
+    folder = tmp_path / f"{name}-{preset}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / M.WEIGHTS_FILE))
+    T.save_tokenizer(tok, folder)
+    (folder / M.META_FILE).write_text(json.dumps({"options": opts}))
+    return folder
 
 
 def uint8_batch(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:

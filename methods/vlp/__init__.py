@@ -1,0 +1,1 @@
+"""Shared parts of the vision-language pretraining methods (ConVIRT, GLoRIA, MGCA, ...)."""
