@@ -147,6 +147,12 @@ def _tiny_model(name: str, **options):
 def test_gradients_reach_every_parameter_except_frozen_prototypes(name):
     model, x, tok = _tiny_model(name)
     model.current_epoch = 1
+    # timm zero-initialises each residual block's last BN scale, so the blocks' inner layers get their
+    # first gradient only after one step: take it, then look
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sum(model(x, tok).values()).backward()
+    opt.step()
+    model.zero_grad(set_to_none=True)
     sum(model(x, tok).values()).backward()
     no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0))
     frozen = sorted(n for n, p in model.named_parameters() if any(p is q for q in model.frozen_parameters()))
@@ -156,6 +162,17 @@ def test_gradients_reach_every_parameter_except_frozen_prototypes(name):
         model.current_epoch = 2
         sum(model(x, tok).values()).backward()
         assert model.prototypes.weight.grad is not None and model.frozen_parameters() == []
+
+
+def test_mgca_on_a_vit_takes_patch_weights_from_the_cls_attention():
+    model, x, tok = _tiny_model("mgca", image_arch="vit")
+    out = model.image(x, attention=True)
+    assert out.cls_attention.shape == (x.shape[0], out.local.shape[1])
+    assert bool((out.cls_attention.sum(1) < 1).all())       # the CLS token's attention to itself is left out
+    model.current_epoch = 2
+    sum(model(x, tok).values()).backward()
+    assert all(p.grad is not None and torch.any(p.grad != 0) for p in model.parameters())
+    assert model.describe()["image"]["arch"] == "vit" and model.image.strides == (8,)
 
 
 def test_mgca_quirk_switches_resolve_and_change_the_loss():
@@ -254,3 +271,35 @@ def test_ddp_gather_gives_each_rank_the_full_batch_gradient():
         assert value == pytest.approx(float(loss), rel=1e-5)             # every rank sees the whole batch
         # the gather's backward sums the ranks' gradients; DDP then averages parameter gradients by 2
         assert torch.allclose(grad / 2, full_v.grad[rank * 4:(rank + 1) * 4], atol=1e-6)
+
+
+def test_an_mgca_checkpoint_in_the_official_layout_lands_in_our_model(tmp_path):
+    """Our model's tensors renamed to the authors' layout (MGCA's Lightning file), converted back."""
+    from methods.vlp.convert import convert_file, load_converted
+
+    source, _, _ = _tiny_model("mgca")
+    official = {}
+    for k, v in source.state_dict().items():
+        if k.endswith("token_type_embeddings.weight"):
+            continue                                            # med.py's BERT has none: the converter fills zeros
+        k = (k.replace("image.backbone.", "img_encoder_q.model.").replace("text.bert.", "text_encoder_q.model.")
+             .replace("heads.image_global.", "img_encoder_q.global_embed.").replace("heads.image_local.", "img_encoder_q.local_embed.")
+             .replace("heads.text_global.", "text_encoder_q.global_embed.").replace("heads.text_local.", "text_encoder_q.local_embed.")
+             .replace("prototypes.", "prototype_layer."))
+        official[k] = v.clone()
+    file = tmp_path / "resnet_50.ckpt"
+    torch.save({"state_dict": official, "hyper_parameters": {"emb_dim": 128}, "epoch": 3}, file)
+    target, _, _ = _tiny_model("mgca")
+    state, report, _ = convert_file(file, "mgca", image_arch="resnet50")
+    load_converted(target, state, report)
+    mine = target.state_dict()
+    for k, v in source.state_dict().items():
+        if k.endswith("token_type_embeddings.weight"):
+            assert not torch.any(mine[k])
+        else:
+            assert torch.equal(mine[k], v), k
+    del official["img_encoder_q.model.layer1.0.conv1.weight"]
+    torch.save({"state_dict": official}, file)
+    state, report, _ = convert_file(file, "mgca", image_arch="resnet50")
+    with pytest.raises(CheckpointError, match="layer1.0.conv1.weight"):
+        load_converted(_tiny_model("mgca")[0], state, report)
