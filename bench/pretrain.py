@@ -8,8 +8,8 @@ A method gives a model, the parameter groups that learn, an ``objective(batch) -
 * AdamW with a linear-warmup cosine schedule (clamped at its end), gradient clipping, gradient
   accumulation, bf16 autocast on CUDA;
 * one checkpoint per epoch, written atomically (``last.pt``: model, optimiser, scheduler, epoch,
-  step; readable with ``torch.load(weights_only=True)``), so ``resume=True`` continues from the
-  last finished epoch. Batches are drawn from generators derived from ``(seed, epoch)``, never from
+  step, the global RNG state (dropout draws from it); readable with ``torch.load(weights_only=True)``),
+  so ``resume=True`` continues from the last finished epoch. Batches are drawn from generators derived from ``(seed, epoch)``, never from
   the state of earlier epochs, so a resumed run ends with the same weights as an uninterrupted one
   on CPU;
 * a loss log (``log.csv``: epoch, step, learning rate, every loss term, validation numbers) and a
@@ -203,6 +203,10 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, resumed = int(state["epoch"]) + 1, int(state["step"]), int(state["epoch"])
         history = [dict(r) for r in state.get("history", [])]
+        if "rng_cpu" in state:   # dropout and other global-RNG draws continue as if never interrupted
+            torch.set_rng_state(state["rng_cpu"])
+            if torch.cuda.is_available() and state.get("rng_cuda"):
+                torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
         log.info("%s: resuming after epoch %d (step %d) from %s", desc, resumed, step, ckpt)
     board = _TensorBoard(work_dir / "tensorboard", tensorboard and rank == 0)
     t0 = time.perf_counter()
@@ -240,7 +244,9 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
         history.append(row)
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "step": step, "config": config.to_dict(), "history": history, "record": record}
+                     "epoch": epoch, "step": step, "config": config.to_dict(), "history": history, "record": record,
+                     "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             atomic_write(ckpt, lambda fh: torch.save(state, fh))
             _write_log(work_dir / LOG_NAME, history)
             board.scalars(row, step)
