@@ -107,7 +107,7 @@ def test_pretraining_lowers_the_loss_caches_and_gives_an_encoder(name, micro_mim
 
 
 def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(micro_mimic, cache, monkeypatch):
-    definition = short(mgca.DEFINITION, epochs=2)
+    definition = short(convirt.DEFINITION, epochs=2)     # the cheapest objective: the loop is under test
     whole = M.train_vlp(definition, "tiny", str(micro_mimic), out_dir=cache / "whole", device="cpu")
 
     from bench.data.prepare import prepare_dataset
