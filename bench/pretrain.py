@@ -17,7 +17,9 @@ A method gives a model, the parameter groups that learn, an ``objective(batch) -
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import logging
 import math
@@ -25,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -62,6 +64,19 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` (beside a weights folder), so two processes asking for the
+    same cached pretraining train it once: the second waits and then finds it finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

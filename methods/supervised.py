@@ -26,8 +26,6 @@ Where the weights come from
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +44,7 @@ from torch import nn
 from bench.api import METHODS, Capability, MethodEntry
 from bench.errors import CheckpointError
 from bench.paths import cache_dir
-from bench.pretrain import PretrainConfig, generator, pretrain
+from bench.pretrain import PretrainConfig, folder_lock, generator, pretrain
 from methods.backbones import (HALF_MEAN, HALF_STD, TimmEncoder, backbone_preset, file_sha256, load_checkpoint_strict,
                                make_card, read_state_dict, seeded_backbone)
 
@@ -165,17 +163,6 @@ def weights_dir(key: dict[str, Any]) -> Path:
     return cache_dir() / "pretrained" / NAME / f"{key['preset']}-{digest}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def train_supervised(preset: str, data: str = "synth", *, out_dir: Path | None = None, resume: bool = True,
                      device: str | torch.device = "auto") -> Path:
     """Pretrain on MIMIC-CXR labels from ``data`` ("synth" or a MIMIC-CXR-JPG root); return the
@@ -192,7 +179,7 @@ def train_supervised(preset: str, data: str = "synth", *, out_dir: Path | None =
     mimic = _prepare_mimic(data, p.image_size)
     key = weights_key(preset, mimic)
     final = Path(out_dir) if out_dir is not None else weights_dir(key)
-    with _locked(final):
+    with folder_lock(final):
         if (final / WEIGHTS_FILE).is_file() and (final / META_FILE).is_file():
             return final
         work = final.with_name(final.name + ".work")

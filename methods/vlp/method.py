@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 from bench.api import Capability, Encoder, Features, MethodCard, MethodOption, resolve_options
 from bench.errors import CheckpointError
 from bench.paths import cache_dir
-from bench.pretrain import PretrainConfig, dist_info, generator, pretrain
+from bench.pretrain import PretrainConfig, dist_info, folder_lock, generator, pretrain
 from methods.backbones import HALF_MEAN, HALF_STD
 from methods.vlp import text as T
 from methods.vlp.model import VLPModel
@@ -150,17 +149,6 @@ def weights_dir(key: Mapping[str, Any]) -> Path:
     return cache_dir() / "pretrained" / key["method"] / f"{key['preset']}-{digest}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 @dataclass
 class PairTensors:
     """A split's pairs with every caption tokenised once."""
@@ -208,7 +196,7 @@ def train_vlp(method: VLPMethod, preset: str, data: str = "synth", *, options: M
     key = weights_key(method, preset, options, mimic)
     final = Path(out_dir) if out_dir is not None else weights_dir(key)
     rank, world = dist_info()
-    lock = _locked(final) if rank == 0 else contextlib.nullcontext()
+    lock = folder_lock(final) if rank == 0 else contextlib.nullcontext()
     with lock:
         if (final / WEIGHTS_FILE).is_file() and (final / META_FILE).is_file():
             return final
