@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.numerics import cpu_model, numerics_settings
 from bench.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ def host_description(device: torch.device | str | None = None) -> dict[str, Any]
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "numerics": numerics_settings(),
     }
     if device is not None and torch.device(device).type == "cuda":
         idx = torch.device(device).index or 0

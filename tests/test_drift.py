@@ -160,3 +160,73 @@ def test_learning_cell_fails_when_its_training_stops_learning(golden):
 def test_the_default_suite_has_learning_cells():
     assert any(c.learns and c.task.endswith("-ft") for c in drift.GOLDEN_CELLS)
     assert any(c.method != "random" and c.task.endswith("-cls") for c in drift.GOLDEN_CELLS)
+
+
+def _as_if_from(path, cpu_model):
+    d = json.loads(path.read_text())
+    d["host"]["cpu_model"] = cpu_model
+    return d
+
+
+def test_golden_files_record_the_numerics_of_their_machine(golden):
+    host = json.loads((golden / f"{CELLS[0].name}.json").read_text())["host"]
+    assert host["cpu_model"] and host["cpu_capability"]
+    assert isinstance(host["numerics"], dict)
+
+
+def test_on_other_hardware_metrics_are_compared_within_the_golden_ci(golden):
+    path = golden / f"{CELLS[0].name}.json"
+    d = _as_if_from(path, "another CPU")
+    d["metrics"]["score"] += 0.03                     # the fake task's CI half-width is 0.05
+    path.write_text(json.dumps(d))
+    report = drift.check()
+    assert report.ok, report.table()
+    hw = [r for r in report.rows if r.metric == "hardware" and r.cell == CELLS[0].name]
+    assert hw and hw[0].golden == "another CPU" and "CI half-width" in hw[0].status
+    main = next(r for r in report.rows if r.cell == CELLS[0].name and r.metric == "score (main)")
+    assert main.tolerance == pytest.approx(0.05)
+    d["metrics"]["score"] += 0.03                      # 0.06 away: beyond its own uncertainty
+    path.write_text(json.dumps(d))
+    (bad,) = drift.check().failures
+    assert bad.metric == "score (main)" and bad.status == "MOVED"
+
+
+def test_on_the_golden_hardware_a_change_inside_the_ci_still_fails(golden):
+    path = golden / f"{CELLS[0].name}.json"
+    d = json.loads(path.read_text())
+    d["metrics"]["score"] += 0.03
+    path.write_text(json.dumps(d))
+    report = drift.check()
+    assert [r.metric for r in report.failures] == ["score (main)"]
+    assert not any(r.metric == "hardware" for r in report.rows)
+
+
+def test_a_golden_file_without_a_hardware_record_counts_as_other_hardware(golden):
+    path = golden / f"{CELLS[0].name}.json"
+    d = json.loads(path.read_text())
+    for key in ("cpu_model", "cpu_capability", "numerics"):
+        d["host"].pop(key)
+    path.write_text(json.dumps(d))
+    report = drift.check()
+    assert report.ok and any(r.metric == "hardware" and r.golden == "not recorded" for r in report.rows)
+
+
+def test_importing_bench_caps_the_cpu_numerics_at_avx2():
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = ("import os, bench, torch; torch.ones(3).sum(); "
+            "print(os.environ.get('ATEN_CPU_CAPABILITY'), torch.backends.cpu.get_cpu_capability())")
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MEDVLP_BENCH_CPU_ISA")}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**clean, **extra}).stdout.split()
+
+    capped = run()
+    if platform.machine() == "x86_64":
+        assert capped[0] == "avx2" and capped[1] in ("AVX2", "DEFAULT")     # never AVX512
+    assert run(MEDVLP_BENCH_CPU_ISA="native")[0] == "None"
+    assert run(ATEN_CPU_CAPABILITY="default")[1] == "DEFAULT"              # what the user set stays
