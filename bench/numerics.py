@@ -4,10 +4,14 @@ PyTorch picks its CPU kernels by the instruction set the machine offers: ATen's 
 kernels (``DEFAULT``/``AVX2``/``AVX512``), oneDNN's convolutions and MKL's GEMM each have one code
 path per ISA, and each path sums in its own order. A model trained for a few hundred steps
 amplifies those last-bit differences: the same commit gave a `supervised` rsna-cls AUROC of 0.677
-on one CI machine and 0.689 on another. Capping all three libraries at AVX2 (the common ground of
-every x86-64 machine this project has run on) makes an AVX-512 machine take the same kernels as an
-AVX2 one; on an AVX2 machine the cap changes nothing (measured: bit-identical weights after 15
-training steps with and without it).
+on one machine and 0.689 on another. Capping ATen and oneDNN at AVX2 (the common ground of every
+x86-64 machine this project has run on) makes an AVX-512 machine take an AVX2 machine's kernels,
+and MKL's conditional numerical reproducibility (``MKL_CBWR=AVX2,STRICT``) makes its GEMM results
+independent of the CPU's make and model for a given thread count (MKL's own promise; without it,
+MKL chooses per CPU). Measured on an AVX2 machine (AMD EPYC): the ISA caps alone change nothing
+(bit-identical weights after 15 training steps), whereas switching MKL's reproducible mode on
+changes the last bits of some GEMMs (the `supervised` rsna-ft 10% AUROC goes from 0.8364 to
+0.8349), so results written before the caps differ from new ones in the last digits.
 
 The caps are environment variables that each library reads once, at its first kernel call, so
 :func:`pin_cpu_numerics` runs when ``bench`` is imported, before any tensor work. A variable the
