@@ -388,10 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the image/feature caches (faster, but a cache written by older code can hide drift)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("demo", help="every method x one task per family x 3 fractions on the synthetic "
-                                    "corpus, then the leaderboard")
+    p = sub.add_parser("demo", help="the reference methods and MGCA x one task per family x 3 fractions on the "
+                                    "synthetic corpus, then the leaderboard")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods (default: pixels random imagenet supervised mgca; 'all': every registered one)")
     p.add_argument("--tasks", nargs="+", default=None, help="tasks (default: one per family)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--force", action="store_true", help="re-run finished cells")

@@ -8,8 +8,10 @@ the committed ``results/`` are only read for the comparison, and the leaderboard
 cells is written to ``.demo/leaderboard.md`` (``python -m bench table`` rebuilds the committed
 ``leaderboard.md`` from ``results/``).
 
-Default grid (:data:`DEFAULT_TASKS` x every registered method x 3 fractions x seed 0): the four
-linear probes and one fine-tune. A method that cannot run a cell (weights absent, a missing
+Default grid (:data:`DEFAULT_TASKS` x :data:`DEFAULT_METHODS` x 3 fractions x seed 0): the four
+linear probes and one fine-tune, for the reference methods and MGCA, the vision-language anchor
+(``--methods all`` takes every registered method: each vision-language method pretrains once on
+first use, several CPU minutes apiece). A method that cannot run a cell (weights absent, a missing
 capability) is reported as ``skipped: reason`` instead of stopping the demo.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ from bench.paths import results_dir
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("rsna-cls", "chexpert-cls", "covidx-cls", "nih-cls", "rsna-ft")
+#: The references every method is judged against, and one pretrained vision-language method.
+DEFAULT_METHODS = ("pixels", "random", "imagenet", "supervised", "mgca")
 
 
 def demo_dir() -> Path:
@@ -42,6 +46,15 @@ def ensure_corpus() -> Path:
     root = synth_root(DEFAULT_SCALE, 0)
     _ensure(root, DEFAULT_SCALE, 0)
     return root
+
+
+def selected_methods(methods: Sequence[str] | None) -> list[str]:
+    """``None``: :data:`DEFAULT_METHODS` (those registered); ``["all"]``: every registered method; else as given."""
+    if not methods:
+        return [m for m in DEFAULT_METHODS if m in METHODS]
+    if list(methods) == ["all"]:
+        return METHODS.names()
+    return list(methods)
 
 
 def _fmt(v: float | None) -> str:
@@ -90,7 +103,7 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
         root = ensure_corpus()
         print(f"synthetic corpus: {root} ({time.perf_counter() - t1:.0f} s)", flush=True)
     runner.load_registries()
-    method_names = list(methods) if methods else METHODS.names()
+    method_names = selected_methods(methods)
     task_names = list(tasks) if tasks else [t for t in DEFAULT_TASKS if t in TASKS]
     for name in method_names:
         METHODS.get(name)

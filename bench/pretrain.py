@@ -181,7 +181,8 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
              work_dir: Path, device: torch.device, resume: bool = True, desc: str = "pretraining",
              evaluate: Callable[[], Mapping[str, float]] | None = None,
              frozen: Callable[[], Iterable[nn.Parameter]] | None = None,
-             record: Mapping[str, Any] | None = None, tensorboard: bool = True) -> PretrainOutcome:
+             record: Mapping[str, Any] | None = None, tensorboard: bool = True,
+             local: bool = False) -> PretrainOutcome:
     """Train ``model`` in place for ``config.epochs`` epochs; checkpoints and log in ``work_dir``.
 
     ``batches(epoch)`` yields the batches of epoch ``epoch`` (1-based; draw its randomness from
@@ -194,8 +195,10 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
     that must not move this epoch (their gradients are dropped before the step, as MGCA freezes its
     prototypes in the first epoch). ``record`` is stored in the checkpoint (e.g. the DDP contrast
     choice); a resume with a different record is refused like one with different settings.
+    ``local=True`` trains in this process alone even inside a DDP job (no rank checks, no barriers):
+    for a preliminary model one rank trains while the others wait for its cached result.
     """
-    rank, world = dist_info()
+    rank, world = (0, 1) if local else dist_info()
     record = dict(record or {})
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +253,8 @@ def pretrain(model: nn.Module, param_groups: list[dict[str, Any]], objective: Ob
                 opt.zero_grad(set_to_none=True)
                 step += 1
         row: dict[str, float] = {"epoch": epoch, "step": step, "lr": float(opt.param_groups[0]["lr"])}
-        row.update(_all_mean({f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}))
+        means = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        row.update(_all_mean(means) if world > 1 else means)
         if evaluate is not None:
             model.eval()
             with torch.no_grad():

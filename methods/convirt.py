@@ -20,7 +20,8 @@ from bench.api import METHODS, MethodEntry, MethodOption
 from bench.pretrain import PretrainConfig
 from methods.vlp import objectives as O
 from methods.vlp import text as T
-from methods.vlp.method import CAPABILITIES, PRETRAIN_SEED, VLPMethod, VLPRecipe, make_factory, make_pretrain
+from methods.vlp.method import (CAPABILITIES, PRETRAIN_SEED, VLPMethod, VLPRecipe, make_factory, make_pretrain,
+                                tiny_recipe)
 from methods.vlp.model import ProjectionMLP, VLPModel, l2
 
 NAME = "convirt"
@@ -60,8 +61,7 @@ class ConVIRTModel(VLPModel):
 def recipe(preset: str, options: Mapping[str, Any]) -> VLPRecipe:
     epochs = options.get("epochs")
     if preset == "tiny":
-        return VLPRecipe(PretrainConfig(epochs=int(epochs or 8), batch_size=64, lr=1e-3, weight_decay=0.05,
-                                        warmup_steps=60, grad_clip=1.0, seed=PRETRAIN_SEED))
+        return tiny_recipe(options)
     # MGCA's re-implementation settings (seed_methods.md §5.1): AdamW 2e-5, wd 0.05, 40% warmup, 50 epochs
     return VLPRecipe(PretrainConfig(epochs=int(epochs or 50), batch_size=144, lr=2e-5, weight_decay=0.05,
                                     warmup_steps=20 * 1480, min_lr_ratio=5e-4, grad_clip=1.0, seed=PRETRAIN_SEED),

@@ -28,7 +28,8 @@ from bench.api import METHODS, MethodEntry, MethodOption
 from bench.pretrain import PretrainConfig
 from methods.vlp import objectives as O
 from methods.vlp import text as T
-from methods.vlp.method import CAPABILITIES, PRETRAIN_SEED, VLPMethod, VLPRecipe, make_factory, make_pretrain
+from methods.vlp.method import (CAPABILITIES, PRETRAIN_SEED, VLPMethod, VLPRecipe, make_factory, make_pretrain,
+                                tiny_recipe)
 from methods.vlp.model import VLPModel, l2
 
 NAME = "gloria"
@@ -95,8 +96,7 @@ class GLoRIAModel(VLPModel):
 def recipe(preset: str, options: Mapping[str, Any]) -> VLPRecipe:
     epochs = options.get("epochs")
     if preset == "tiny":
-        return VLPRecipe(PretrainConfig(epochs=int(epochs or 8), batch_size=64, lr=1e-3, weight_decay=0.05,
-                                        warmup_steps=60, grad_clip=0.25, seed=PRETRAIN_SEED))
+        return tiny_recipe(options, grad_clip=0.25)    # GLoRIA clips at 0.25
     # GLoRIA's config: Adam(W) 5e-5, wd 1e-6, batch 48, 50 epochs, clip 0.25 (a cosine schedule stands in
     # for its ReduceLROnPlateau, which needs a validation loop outside this engine)
     return VLPRecipe(PretrainConfig(epochs=int(epochs or 50), batch_size=48, lr=5e-5, weight_decay=1e-6,

@@ -37,7 +37,8 @@ from bench.api import METHODS, MethodEntry, MethodOption
 from bench.pretrain import PretrainConfig
 from methods.vlp import objectives as O
 from methods.vlp import text as T
-from methods.vlp.method import CAPABILITIES, PRETRAIN_SEED, VLPMethod, VLPRecipe, make_factory, make_pretrain
+from methods.vlp.method import (CAPABILITIES, PRETRAIN_SEED, VLPMethod, VLPRecipe, make_factory, make_pretrain,
+                                tiny_recipe)
 from methods.vlp.model import MGCAEmbedding, VLPModel, l2, project_tokens
 
 NAME = "mgca"
@@ -133,8 +134,7 @@ class MGCAModel(VLPModel):
 def recipe(preset: str, options: Mapping[str, Any]) -> VLPRecipe:
     epochs = options.get("epochs")
     if preset == "tiny":
-        return VLPRecipe(PretrainConfig(epochs=int(epochs or 8), batch_size=64, lr=1e-3, weight_decay=0.05,
-                                        warmup_steps=60, grad_clip=1.0, seed=PRETRAIN_SEED))
+        return tiny_recipe(options)
     # mgca.md §3: AdamW 2e-5, wd 0.05, 40% warmup of one cosine cycle to 1e-8, 50 epochs, batch 144 (72 x 2 GPUs)
     steps_per_epoch = 213_384 // 144
     return VLPRecipe(PretrainConfig(epochs=int(epochs or 50), batch_size=144, lr=2e-5, weight_decay=0.05,

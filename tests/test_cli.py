@@ -172,3 +172,16 @@ def test_python_dash_m_help():
     assert out.returncode == 0
     for cmd in ("run", "list", "table", "check", "demo", "perf", "data"):
         assert cmd in out.stdout
+
+
+def test_demo_defaults_to_the_references_and_mgca_and_all_means_every_method(monkeypatch):
+    from bench import demo
+    from bench.api import METHODS
+
+    registered = {name: object() for name in ("random", "mgca", "pixels", "gloria", "supervised")}
+    monkeypatch.setattr(METHODS, "_items", registered)
+    assert demo.DEFAULT_METHODS == ("pixels", "random", "imagenet", "supervised", "mgca")
+    # the defaults in their order, those registered; "all" is the registry; a list is taken as given
+    assert demo.selected_methods(None) == ["pixels", "random", "supervised", "mgca"]
+    assert demo.selected_methods(["all"]) == METHODS.names() and "gloria" in demo.selected_methods(["all"])
+    assert demo.selected_methods(["gloria", "random"]) == ["gloria", "random"]

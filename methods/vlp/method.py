@@ -39,6 +39,7 @@ from bench.paths import cache_dir
 from bench.pretrain import PretrainConfig, dist_info, folder_lock, generator, pretrain
 from methods.backbones import HALF_MEAN, HALF_STD
 from methods.vlp import text as T
+from methods.vlp.mlm import MLMRecipe, mlm_dir, mlm_key, pretrained_text_state
 from methods.vlp.model import VLPModel
 from methods.vlp.pairs import PairSet, pretraining_pairs
 from methods.vlp.towers import ImageSpec, ImageTower
@@ -68,6 +69,24 @@ class VLPRecipe:
     aug_scale: tuple[float, float] = (0.7, 1.0)   # random resized crop (MGCA: crop 224 of a 256 pad-resize)
     embed_dim: int = 128
     head_hidden: int = 512
+    #: learning-rate multiplier of the text tower (a pretrained BERT is tuned gently; heads and image
+    #: tower learn at the recipe's rate)
+    text_lr_mult: float = 1.0
+
+
+#: The tiny preset's optimisation, one place for every vision-language method (a method keeps only what
+#: its published recipe fixes, GLoRIA's gradient clipping): the methods then differ in their objectives,
+#: not in how long or how fast they were trained.
+TINY_EPOCHS = 8
+TINY_BATCH = 64
+TINY_LR = 1e-3
+
+
+def tiny_recipe(options: Mapping[str, Any], *, grad_clip: float = 1.0) -> VLPRecipe:
+    """The shared tiny recipe; ``options["epochs"]`` (the common ``epochs`` option) overrides the length."""
+    return VLPRecipe(PretrainConfig(epochs=int(options.get("epochs") or TINY_EPOCHS), batch_size=TINY_BATCH,
+                                    lr=TINY_LR, weight_decay=0.05, warmup_steps=60, grad_clip=grad_clip,
+                                    seed=PRETRAIN_SEED))
 
 
 @dataclass(frozen=True)
@@ -139,7 +158,8 @@ def weights_key(method: VLPMethod, preset: str, options: Mapping[str, Any], mimi
     return {"method": method.name, "recipe_version": method.recipe_version, "preset": preset, "options": keyed,
             "image": image_spec(preset, options).to_dict(), "text": method.text_spec(preset, options).to_dict(),
             "config": r.config.to_dict(), "aug_scale": list(r.aug_scale), "embed_dim": r.embed_dim,
-            "head_hidden": r.head_hidden, "dataset": PRETRAIN_DATASET,
+            "text_mlm": MLMRecipe().to_dict() if method.text_spec(preset, options).init == "mlm" else None,
+            "head_hidden": r.head_hidden, "text_lr_mult": r.text_lr_mult, "dataset": PRETRAIN_DATASET,
             "manifest_sha256": mimic.source.get("manifest_sha256"), "image_cache": mimic.images.fingerprint,
             "source_kind": mimic.source.get("kind")}
 
@@ -219,6 +239,11 @@ def train_vlp(method: VLPMethod, preset: str, data: str = "synth", *, options: M
             tokenizer, _ = paper_tokenizer(method, options)
             options = {**options, "text_model_dir": str(T.resolve_bert_dir(options.get("text_model_dir"), method.name))}
         model = build_model(method, preset, options, tokenizer=tokenizer)
+        text_init: dict[str, Any] = {"init": model.text.spec.init}
+        if model.text.spec.init == "mlm":      # the tiny preset's pretrained clinical BERT (methods.vlp.mlm)
+            state = pretrained_text_state(train.captions, tokenizer, model.text.spec, MLMRecipe(), device=dev)
+            model.text.bert.load_state_dict(state, strict=True)
+            text_init["mlm_dir"] = str(mlm_dir(mlm_key(train.captions, tokenizer, model.text.spec, MLMRecipe())))
         train_t, val_t = _tokenised(train, model.text), _tokenised(val, model.text)
         prepare = _prepare_fn(dev)
         bs = r.config.batch_size
@@ -270,7 +295,11 @@ def train_vlp(method: VLPMethod, preset: str, data: str = "synth", *, options: M
                  r.config.epochs, bs, world, final)
         t0 = time.perf_counter()
         frozen = lambda: model.frozen_parameters()  # noqa: E731
-        outcome = pretrain(model, [{"params": [p for p in model.parameters() if p.requires_grad]}], objective,
+        text_ids = {id(p) for p in model.text.parameters()}
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in text_ids]},
+                  {"params": [p for p in model.text.parameters() if p.requires_grad],
+                   "lr": r.config.lr * r.text_lr_mult}]
+        outcome = pretrain(model, [g for g in groups if g["params"]], objective,
                            batches, steps, r.config, work_dir=work, device=dev, resume=resume,
                            desc=f"{method.name} pretraining", evaluate=evaluate, frozen=frozen,
                            record={"contrast_scope": model.contrast_scope, "world_size": world})
@@ -288,7 +317,7 @@ def train_vlp(method: VLPMethod, preset: str, data: str = "synth", *, options: M
                 "val": val.summary(), "history": outcome.history, "steps": outcome.steps,
                 "resumed_from_epoch": outcome.resumed_from_epoch, "seconds": round(time.perf_counter() - t0, 1),
                 "device": str(dev), "world_size": world, "contrast_scope": model.contrast_scope,
-                "tokenizer": T.describe_tokenizer(tokenizer), "model": model.describe()}
+                "tokenizer": T.describe_tokenizer(tokenizer), "model": model.describe(), "text_init": text_init}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
         for name in ("log.csv",):
             if (work / name).is_file():

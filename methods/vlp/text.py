@@ -48,13 +48,16 @@ class TextSpec:
     intermediate: int = 512
     vocab_size: int = 2000           # tiny WordPiece vocabulary size
     model_dir: str | None = None     # local-bert only
+    #: tiny only: "mlm" (masked-language-model pretraining on the train captions first,
+    #: :mod:`methods.vlp.mlm`; the tiny stand-in for Bio_ClinicalBERT) or "random"
+    init: str = "random"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def tiny_text_spec(max_length: int = 96, num_layers: int = 4) -> TextSpec:
-    return TextSpec(kind="tiny-wordpiece", max_length=max_length, num_layers=num_layers)
+def tiny_text_spec(max_length: int = 96, num_layers: int = 4, init: str = "mlm") -> TextSpec:
+    return TextSpec(kind="tiny-wordpiece", max_length=max_length, num_layers=num_layers, init=init)
 
 
 def paper_text_spec(model_dir: str | None, *, max_length: int = 112, num_layers: int = 6) -> TextSpec:
