@@ -5,6 +5,9 @@ from methods import (  # noqa: F401  (imported for registration)
     imagenet,
     mgca,
     pixels,
+    place,
     random_init,
+    reclf,
+    sista,
     supervised,
 )

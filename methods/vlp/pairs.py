@@ -7,6 +7,11 @@ fewer dropped; a study whose caption keeps fewer than 3 tokens is dropped; the k
 joined with spaces (no sentence markers). One pair per frontal (PA/AP) image: a study's images share
 its report.
 
+The captions are :class:`Caption` strings: equal to the plain text above in every respect (so every
+method tokenises exactly what it did before), and also carrying where each kept sentence ends, for a
+method that needs sentence units (PLACE's textual pathology observations, DD-PLACE-2; the text tower
+turns those character offsets into a per-token sentence index, :func:`methods.vlp.text.tokenize`).
+
 Every image that does not become a pair is counted by reason (``non_frontal``, ``no_report_text``
 (neither findings nor impression), ``caption_too_short``), and the counts travel with the
 checkpoint's metadata.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,26 +31,68 @@ MIN_SENTENCE_TOKENS = 2      # a sentence needs more than one token
 MIN_CAPTION_TOKENS = 3
 
 
-def mgca_caption(findings: str | None, impression: str | None) -> str:
-    """The pretraining text of one report ("" when too short to keep)."""
+class Caption(str):
+    """A caption that also knows where its sentences end.
+
+    It *is* the caption text (a ``str``: equality, hashing, slicing, JSON and tokenisation see nothing
+    else), with one extra attribute, ``sentence_ends``: for each kept sentence, the character offset
+    just past its last word. A string operation returns a plain ``str`` without the attribute.
+    """
+
+    sentence_ends: tuple[int, ...]
+
+    def __new__(cls, sentences: Sequence[Sequence[str]]) -> "Caption":
+        words = [w for s in sentences for w in s]
+        self = super().__new__(cls, " ".join(words))
+        ends, pos = [], -1
+        for s in sentences:
+            if s:
+                pos += sum(len(w) + 1 for w in s)
+                ends.append(pos)
+        self.sentence_ends = tuple(ends)
+        return self
+
+    def __reduce__(self):  # pickles (and copies) as a Caption with its sentence ends
+        return (_caption_from, (str(self), self.sentence_ends))
+
+
+def _caption_from(text: str, ends: Sequence[int]) -> Caption:
+    c = str.__new__(Caption, text)
+    c.sentence_ends = tuple(ends)
+    return c
+
+
+def mgca_sentences(findings: str | None, impression: str | None) -> list[list[str]]:
+    """The kept sentences of one report, each a list of its lower-cased ``\\w+`` tokens (empty when
+    the caption would be too short to keep)."""
     text = " ".join(t for t in ((impression or "").strip(), (findings or "").strip()) if t)
     if not text:
-        return ""
+        return []
     text = _LIST_MARKER.sub(". ", text.replace("\n", " "))
-    kept: list[str] = []
+    kept: list[list[str]] = []
     for sentence in _SENTENCE_END.split(text):
         sentence = sentence.encode("ascii", "ignore").decode().lower()
         tokens = _WORD.findall(sentence)
         if len(tokens) >= MIN_SENTENCE_TOKENS:
-            kept.extend(tokens)
-    return " ".join(kept) if len(kept) >= MIN_CAPTION_TOKENS else ""
+            kept.append(tokens)
+    return kept if sum(len(s) for s in kept) >= MIN_CAPTION_TOKENS else []
+
+
+def mgca_caption(findings: str | None, impression: str | None) -> str:
+    """The pretraining text of one report ("" when too short to keep)."""
+    return " ".join(w for s in mgca_sentences(findings, impression) for w in s)
+
+
+def mgca_caption_with_sentences(findings: str | None, impression: str | None) -> Caption:
+    """:func:`mgca_caption` as a :class:`Caption` (the same text, plus its sentence ends)."""
+    return Caption(mgca_sentences(findings, impression))
 
 
 @dataclass
 class PairSet:
     data: Any                                  # PreparedData of MIMIC-CXR
     rows: np.ndarray                           # table rows (images) with a caption
-    captions: list[str]                        # one per row
+    captions: list[str]                        # one per row (Caption strings: text + sentence ends)
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -76,7 +123,7 @@ def pretraining_pairs(mimic: Any, split: str) -> PairSet:
             continue
         cap = memo.get((f, i))
         if cap is None:
-            cap = memo[(f, i)] = mgca_caption(f, i)
+            cap = memo[(f, i)] = mgca_caption_with_sentences(f, i)
         if not cap:
             skipped["caption_too_short"] += 1
             continue

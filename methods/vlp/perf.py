@@ -40,7 +40,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("convirt", "gloria", "mgca")
+DEFAULT_METHODS = ("convirt", "gloria", "mgca", "place", "reclf", "sista")
 BASELINE_METHOD = "convirt"
 #: Bio_ClinicalBERT's vocabulary (its config.json), for the random-init stand-in at the paper preset.
 CLINICAL_BERT_VOCAB = 28996

@@ -16,11 +16,23 @@ MGCA and GLoRIA contrast *words*, not sub-word pieces: the hidden states of a wo
 summed (both official codes do so). :class:`TokenBatch` carries, for every token, the index of the
 word it belongs to (-1 for ``[CLS]``, ``[SEP]`` and padding), read off the fast tokenizer's
 ``word_ids``; :func:`aggregate_words` does the sum with one ``scatter_add``.
+
+Sentences
+---------
+A method that needs sentence units (PLACE, DD-PLACE-2) sets ``TextTower.sentences = True``; its
+token batches then also carry ``sentence_index`` (the sentence of every token, -1 for specials and
+padding). The pretraining captions join their sentences without markers (MGCA's pipeline), so the
+boundaries travel beside the text: a :class:`methods.vlp.pairs.Caption` records the character
+offset where each sentence ends, and the fast tokenizer's offset mapping places every token (any
+tokenizer: the tiny WordPiece or a local BERT's). Any other string (a prompt, a report with its
+punctuation) ends a sentence at each ``.``, ``!`` or ``?``; a string without one is one sentence.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -147,27 +159,59 @@ class TokenBatch:
     attention_mask: torch.Tensor     # long [B, T]
     word_index: torch.Tensor         # long [B, T]: word of each token, -1 for specials and padding
     n_words: int                     # word slots (T - 2: every token but [CLS] and [SEP] could be a word)
+    #: long [B, T]: sentence of each token (0, 1, ... in order), -1 for specials and padding; only when
+    #: the tower was asked for sentences (``TextTower.sentences``), else None
+    sentence_index: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.word_index.to(device),
-                          self.n_words)
+                          self.n_words, None if self.sentence_index is None else self.sentence_index.to(device))
 
     def __getitem__(self, rows: Any) -> "TokenBatch":
-        return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.word_index[rows], self.n_words)
+        return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.word_index[rows], self.n_words,
+                          None if self.sentence_index is None else self.sentence_index[rows])
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenBatch:
+_SENTENCE_STOP = re.compile(r"[.!?]")
+
+
+def sentence_ends(text: str) -> tuple[int, ...]:
+    """Character offsets where the sentences of ``text`` end (exclusive): a
+    :class:`~methods.vlp.pairs.Caption`'s recorded ends, else just past each ``.``/``!``/``?``, and the
+    end of the text."""
+    recorded = getattr(text, "sentence_ends", None)
+    if recorded is not None:
+        return tuple(recorded)
+    return tuple(m.end() for m in _SENTENCE_STOP.finditer(text)) + (len(text),)
+
+
+def _sentence_row(ends: Sequence[int], offsets: Sequence[tuple[int, int]], word_ids: Sequence[int | None]) -> list[int]:
+    """Sentence of each token: the number of sentence ends at or before the token's first character,
+    renumbered 0, 1, ... in order of appearance (a sentence cut by truncation simply ends early)."""
+    raw = [-1 if w is None else bisect.bisect_right(ends, start) for (start, _), w in zip(offsets, word_ids)]
+    order: dict[int, int] = {}
+    return [-1 if r < 0 else order.setdefault(r, len(order)) for r in raw]
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *, sentences: bool = False) -> TokenBatch:
+    """Tokenise ``texts`` to ``max_length`` (padded, truncated) with the word of every token and, with
+    ``sentences=True``, its sentence (see the module docstring)."""
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt", return_token_type_ids=False)
+                    return_tensors="pt", return_token_type_ids=False, return_offsets_mapping=sentences)
     word_index = torch.full_like(enc["input_ids"], -1)
+    sentence_index = torch.full_like(enc["input_ids"], -1) if sentences else None
     for i in range(len(texts)):
         ids = enc.word_ids(i)
         word_index[i] = torch.tensor([-1 if w is None else w for w in ids], dtype=torch.long)
+        if sentence_index is not None:
+            row = _sentence_row(sentence_ends(texts[i]), enc["offset_mapping"][i].tolist(), ids)
+            sentence_index[i] = torch.tensor(row, dtype=torch.long)
     # word_ids count from 0 per text; a truncated text keeps only its first words
-    return TokenBatch(enc["input_ids"].long(), enc["attention_mask"].long(), word_index, max_length - 2)
+    return TokenBatch(enc["input_ids"].long(), enc["attention_mask"].long(), word_index, max_length - 2,
+                      sentence_index)
 
 
 def aggregate_words(hidden: torch.Tensor, word_index: torch.Tensor, n_words: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,13 +280,15 @@ class TextTower(nn.Module):
         #: MGCA's released code passes its token-type ids (all zero) where med.py expects position ids,
         #: so every token sees position 0; True reproduces that (``mgca.zero_text_positions``).
         self.zero_positions = False
+        #: True: token batches also carry each token's sentence (``TokenBatch.sentence_index``; PLACE)
+        self.sentences = False
 
     @property
     def hidden_size(self) -> int:
         return int(self.bert.config.hidden_size)
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
-        return tokenize(self.tokenizer, texts, self.spec.max_length)
+        return tokenize(self.tokenizer, texts, self.spec.max_length, sentences=self.sentences)
 
     def forward(self, tokens: TokenBatch, *, attention: bool = False) -> TextOutput:
         out = self.bert(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,

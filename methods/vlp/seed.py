@@ -1,0 +1,114 @@
+"""What the seed methods PLACE, RECLF and SISTA share: MGCA's pipeline (DD-COMMON-1).
+
+None of the three released code, so they are built on MGCA's public pipeline
+(``shared/reference/seed_methods.md`` §1): the same image and text towers (:func:`methods.vlp.method.image_spec`,
+:func:`methods.mgca.text_spec`), MGCA's projection heads (:class:`methods.vlp.model.MGCAEmbedding`:
+global heads on the pooled image feature and the text [CLS], local heads on the local tokens and
+the words), 128-d joint space, and MGCA's optimisation: :func:`recipe` *calls*
+:func:`methods.mgca.recipe`, so when MGCA's recipe is tuned the three follow. Each method adds its
+own modules and loss terms on top; a global instance InfoNCE is kept (DD-COMMON-1), or replaced by
+SISTA's false-negative-aware version of it.
+
+The joint space used by zero-shot and retrieval (``encode_image`` / ``encode_text``) is the global
+heads' output, as MGCA's; downstream image features come from :class:`methods.vlp.method.VLPEncoder`
+unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+from methods.vlp import text as T
+from methods.vlp.method import VLPRecipe
+from methods.vlp.model import MGCAEmbedding, VLPModel, l2, project_tokens
+from methods.vlp.towers import ImageOutput
+
+
+def recipe(preset: str, options: Mapping[str, Any]) -> VLPRecipe:
+    """MGCA's recipe at ``preset`` (DD-COMMON-1, DD-PLACE-6, DD-RECLF-5, DD-SISTA-4): optimiser,
+    schedule, batch, epochs (``<method>.epochs`` overrides, as for MGCA), embedding and head widths."""
+    from methods import mgca
+
+    return mgca.recipe(preset, options)
+
+
+def text_spec(preset: str, options: Mapping[str, Any]) -> T.TextSpec:
+    """MGCA's text tower (tiny: the 4-layer WordPiece BERT; paper: the first 6 layers of a local BERT)."""
+    from methods import mgca
+
+    return mgca.text_spec(preset, options)
+
+
+def choice(method: str, options: Mapping[str, Any], key: str, allowed: Sequence[str]) -> str:
+    """``options[key]`` checked against ``allowed`` (a BenchError naming the valid values otherwise)."""
+    value = options[key]
+    if value not in allowed:
+        raise BenchError(f"{method}.{key} must be one of {', '.join(allowed)}; got {value!r}")
+    return str(value)
+
+
+def positive(method: str, options: Mapping[str, Any], key: str, kind: type = float, *, allow_zero: bool = False):
+    """``options[key]`` as ``kind``, checked to be > 0 (>= 0 with ``allow_zero``)."""
+    try:
+        value = kind(options[key])
+    except (TypeError, ValueError) as e:
+        raise BenchError(f"{method}.{key} must be a number; got {options[key]!r}") from e
+    if value < 0 or (value == 0 and not allow_zero):
+        raise BenchError(f"{method}.{key} must be {'>= 0' if allow_zero else '> 0'}; got {options[key]!r}")
+    return value
+
+
+def trim_words(words: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the word slots that no report of the batch uses (words fill slots 0, 1, ... in order),
+    so the pairwise modules never pay for padding beyond the longest report."""
+    n = int(mask.sum(1).max()) if mask.numel() else 0
+    n = max(n, 1)
+    return words[:, :n], mask[:, :n]
+
+
+class SeedModel(VLPModel):
+    """MGCA's towers and heads (DD-COMMON-1) plus a method's own modules (``extra`` heads).
+
+    Heads: ``image_global`` / ``text_global`` always; ``image_local`` / ``text_local`` (1x1-conv
+    MGCAEmbedding over the local tokens / the words) when ``local_image`` / ``local_text``."""
+
+    def __init__(self, image, text, recipe: VLPRecipe, options: Mapping[str, Any], *, local_image: bool,
+                 local_text: bool, extra: Mapping[str, nn.Module] | None = None) -> None:
+        e, h, d = recipe.embed_dim, recipe.head_hidden, text.hidden_size
+        heads: dict[str, nn.Module] = {"image_global": MGCAEmbedding(image.global_dim, h, e),
+                                       "text_global": MGCAEmbedding(d, h, e)}
+        if local_image:
+            heads["image_local"] = MGCAEmbedding(image.local_dim, h, e, conv=True)
+        if local_text:
+            heads["text_local"] = MGCAEmbedding(d, h, e, conv=True)
+        heads.update(extra or {})
+        super().__init__(image, text, heads, embed_dim=e)
+        #: the resolved options of the method (recorded by ``describe`` and in the checkpoint's meta)
+        self.options = dict(options)
+
+    # joint space (zero-shot, retrieval): MGCA's global heads
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return l2(self.heads["image_global"](self.image(images).global_))
+
+    def text_embedding(self, tokens: T.TokenBatch) -> torch.Tensor:
+        return l2(self.heads["text_global"](self.text(tokens).cls))
+
+    def global_embeddings(self, img: ImageOutput, txt: T.TextOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        return l2(self.heads["image_global"](img.global_)), l2(self.heads["text_global"](txt.cls))
+
+    def local_patches(self, img: ImageOutput) -> torch.Tensor:
+        """Projected local tokens ``[B, N, E]`` (not normalised)."""
+        return project_tokens(self.heads["image_local"], img.local)
+
+    def local_words(self, txt: T.TextOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected words ``[B, W, E]`` (not normalised; zero in padded slots), trimmed to the longest
+        report of the batch, and their mask."""
+        words, mask = trim_words(*txt.words())
+        return project_tokens(self.heads["text_local"], words, mask), mask
+
+    def describe(self) -> dict[str, Any]:
+        opts = {k: v for k, v in self.options.items() if k != "text_model_dir"}
+        return {**super().describe(), "options": opts}
