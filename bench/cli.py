@@ -297,6 +297,12 @@ def cmd_perf(args: argparse.Namespace) -> int:
         from bench.data.perf import perf_data as fn
     elif args.perf_what == "pretrain":
         from methods.vlp.perf import perf_pretrain as fn
+    elif args.perf_what in ("seg", "det"):
+        from functools import partial
+
+        from tasks.dense.perf import perf_dense
+
+        fn = partial(perf_dense, args.perf_what)
     else:
         from tasks.classification import perf_probe as fn
     _print_value(_call_with_supported(fn, options))
@@ -404,11 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or vision-language pretraining (pairs/s, peak memory, MGCA loss time, MFU)",
                        description="Options left out take the measuring function's defaults; an option the "
                                    "function does not take is an error.")
-    p.add_argument("perf_what", choices=("data", "probe", "pretrain"), metavar="{data,probe,pretrain}",
+    p.add_argument("perf_what", choices=("data", "probe", "pretrain", "seg", "det"),
+                   metavar="{data,probe,pretrain,seg,det}",
                    help="data: bench.data.perf.perf_data; probe: tasks.classification.perf_probe; pretrain: "
                         "methods.vlp.perf.perf_pretrain (each method's optimiser steps at the tiny preset on CPU, "
                         "in its own process; the paper preset in bf16 with MFU on a GPU; MGCA's loss alone at "
-                        "the paper's shapes)")
+                        "the paper's shapes); seg / det: tasks.dense.perf.perf_dense (training images/s of the "
+                        "tiny U-Net / YOLOv3 on our wrapped encoder and on mmdet's ResNet-18, side by side)")
     p.add_argument("--dataset", default=None, help="dataset name (e.g. rsna)")
     p.add_argument("--data", default=None, help="'synth' or a dataset root")
     p.add_argument("--method", default=None, help="probe: method name")

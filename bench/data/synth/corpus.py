@@ -136,13 +136,36 @@ def corpus_of(dataset_root: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
+def expected_cases(key: str, scale: str) -> int | None:
+    """Cases writer ``key`` draws at ``scale``, when the writer says (its ``n_cases``), else None."""
+    module = importlib.import_module(f"bench.data.synth.write_{key}")
+    n_cases = getattr(module, "n_cases", None)
+    return None if n_cases is None else int(n_cases(scale))
+
+
+def resized_datasets(meta: dict, scale: str) -> list[str]:
+    """Writer keys whose recorded case count differs from what the writer now draws at ``scale``:
+    a dataset grown or shrunk since the corpus was written. Each dataset has its own random stream,
+    so these are regenerated alone and every other dataset stays byte for byte the same."""
+    out = []
+    for key, entry in (meta.get("datasets") or {}).items():
+        want = expected_cases(key, scale) if key in WRITERS else None
+        if want is not None and int((entry or {}).get("cases", -1)) != want:
+            out.append(key)
+    return out
+
+
+def _all_written(root: Path, meta: dict | None, scale: str, seed: int) -> bool:
+    """Every dataset of this scale, seed and generator version is there (whatever its size)."""
+    return bool(meta) and (meta.get("scale") == scale and meta.get("seed") == seed
+                           and meta.get("version") == generator_version()
+                           and set(meta.get("datasets", {})) == set(WRITERS)
+                           and all((root / sub).is_dir() for sub in WRITERS.values()))
+
+
 def _is_complete(root: Path, scale: str, seed: int) -> bool:
     meta = read_corpus_manifest(root)
-    if not meta:
-        return False
-    return (meta.get("scale") == scale and meta.get("seed") == seed and meta.get("version") == generator_version()
-            and set(meta.get("datasets", {})) == set(WRITERS)
-            and all((root / sub).is_dir() for sub in WRITERS.values()))
+    return _all_written(root, meta, scale, seed) and not resized_datasets(meta, scale)
 
 
 def generate_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, datasets=None,
@@ -209,6 +232,13 @@ def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers:
         if _is_complete(root, scale, seed):  # another process finished it while we waited
             return root
         meta = read_corpus_manifest(root)
+        if _all_written(root, meta, scale, seed):
+            resized = resized_datasets(meta, scale)
+            log.warning("synthetic corpus at %s: %s changed size at scale %s; regenerating %s only (the other "
+                        "datasets are unchanged)", root, ", ".join(resized), scale, "it" if len(resized) == 1 else "them")
+            meta = _generate_locked(root, scale, seed, resized, workers)
+            log.info("synthetic corpus (%s, seed %d): %d images -> %s", scale, seed, meta["images"], root)
+            return root
         if meta:
             log.warning("synthetic corpus at %s is %s/seed %s/version %s; regenerating as %s/seed %d/version %s",
                         root, meta.get("scale"), meta.get("seed"), meta.get("version"), scale, seed,

@@ -1,0 +1,66 @@
+"""Growing one dataset of the synthetic corpus regenerates that dataset alone (SIIM and Object-CXR were
+grown for the dense tasks; the other datasets' files and split manifests must not move)."""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.data.synth import corpus as corpus_mod
+from bench.data.synth import write_object_cxr, write_siim
+from test_cache_and_corpus import tree_digest
+
+
+@pytest.fixture
+def sized_writers(monkeypatch):
+    """Stand-in writers ``fa`` and ``fb`` that draw ``sizes[key]`` images and say so through ``n_cases``."""
+    calls: list = []
+    sizes = {"fa": 3, "fb": 3}
+    for key in sizes:
+        mod = types.ModuleType(f"bench.data.synth.write_{key}")
+
+        def write(out_dir: Path, rng: np.random.Generator, scale: str, key=key) -> dict:
+            calls.append(key)
+            (Path(out_dir) / "imgs").mkdir(parents=True, exist_ok=True)
+            for i in range(sizes[key]):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(Path(out_dir) / "imgs" / f"{i}.png")
+            return {str(i): None for i in range(sizes[key])}
+
+        mod.write = write
+        mod.n_cases = lambda scale, key=key: sizes[key]
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setattr(corpus_mod, "WRITERS", {"fa": "fa-root", "fb": "fb-root"})
+    return calls, sizes
+
+
+def test_a_grown_dataset_is_regenerated_alone(tmp_path, sized_writers):
+    calls, sizes = sized_writers
+    root = tmp_path / "corpus"
+    corpus_mod.generate_corpus(root, "micro", 3, workers=1)
+    before = tree_digest(root)
+    calls.clear()
+    assert corpus_mod.ensure_corpus(root, "micro", 3) == root.resolve() and calls == []   # nothing changed
+    sizes["fb"] = 5                                                                     # fb grows
+    assert corpus_mod.resized_datasets(corpus_mod.read_corpus_manifest(root), "micro") == ["fb"]
+    corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
+    assert calls == ["fb"]
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if k.startswith("fa-root")} == \
+        {k: v for k, v in before.items() if k.startswith("fa-root")}
+    assert len(list((root / "fb-root" / "imgs").iterdir())) == 5
+    meta = corpus_mod.read_corpus_manifest(root)
+    assert meta["datasets"]["fb"]["cases"] == 5 and meta["datasets"]["fa"]["cases"] == 3
+    calls.clear()
+    corpus_mod.ensure_corpus(root, "micro", 3)
+    assert calls == []
+
+
+def test_the_dense_datasets_declare_their_sizes():
+    assert write_siim.n_cases("bench") == 4000 and write_object_cxr.n_cases("bench") == 3000
+    for scale in corpus_mod.SCALES:
+        assert write_siim.n_cases(scale) == write_siim.SCALES[scale][0]
+        assert write_object_cxr.n_cases(scale) == sum(write_object_cxr.SCALES[scale][:2])
