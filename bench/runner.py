@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import numbers
 import time
@@ -37,7 +38,15 @@ def load_registries() -> None:
 
 
 def prepare_data(dataset: str, data: str, *, image_size: int, split_seed: int, skip_bad: bool = False) -> Any:
-    """The data layer's ``prepare_dataset`` (imported lazily; tests replace this function)."""
+    """The data layer's ``prepare_dataset`` (imported lazily; tests replace this function), kept for
+    the next run in the same process: ``bench demo`` and ``bench check`` run many cells on one
+    dataset, and re-reading its label files (9,600 DICOM headers for RSNA) took half of a linear
+    probe's wall time."""
+    return _prepare_data_memo(dataset, data, image_size, split_seed, skip_bad)
+
+
+@functools.lru_cache(maxsize=2)   # two prepared datasets (image arrays of up to ~100 MB at 64 px)
+def _prepare_data_memo(dataset: str, data: str, image_size: int, split_seed: int, skip_bad: bool) -> Any:
     from bench.data.prepare import prepare_dataset
 
     return prepare_dataset(dataset, data, image_size=image_size, split_seed=split_seed, skip_bad=skip_bad)

@@ -26,7 +26,7 @@ from bench.api import TASKS, Capability, TaskEntry
 from bench.data.labels import LabelSpace, label_space
 from tasks.fine_tune import FINE_TUNE_ANCHOR_DIFFERENCES, FINE_TUNE_PROTOCOLS, FINE_TUNE_SETTINGS, run_fine_tune
 from tasks.linear_probe import (
-    LINEAR_PROBE_ANCHOR_DIFFERENCES, LINEAR_PROBE_PROTOCOLS, LINEAR_PROBE_SETTINGS, run_linear_probe,
+    LINEAR_PROBE_ANCHOR_DIFFERENCES, LINEAR_PROBE_PROTOCOLS, LINEAR_PROBE_VERSION, LINEAR_PROBE_SETTINGS, run_linear_probe,
 )
 from tasks.linear_probe import perf_probe  # noqa: F401  (`bench perf probe` imports it from here)
 
@@ -110,7 +110,7 @@ def _register() -> None:
     for ds, t in DATASET_TASKS.items():
         bound = {"labels": t.labels, "main_metric": t.main_metric}
         TASKS.add(f"{ds}-cls", TaskEntry(
-            name=f"{ds}-cls", family="linear-probe", dataset=ds, version=1, requires=lp_req,
+            name=f"{ds}-cls", family="linear-probe", dataset=ds, version=LINEAR_PROBE_VERSION, requires=lp_req,
             main_metric=t.main_metric, higher_is_better=M.higher_is_better(t.main_metric),
             protocols=LINEAR_PROBE_PROTOCOLS, run=partial(run_linear_probe, **bound),
             description=f"{t.title}: frozen linear probe (MGCA), {t.main_metric}",

@@ -12,8 +12,16 @@ best-validation-loss head scores the test set.
   (cached) features, as MGCA evaluates on plain images. The augmentation is MGCA-*style*, not
   MGCA-exact (see :data:`LINEAR_PROBE_ANCHOR_DIFFERENCES`).
 
-``tiny`` differs from MGCA in lr (1e-2) and batch (32): random-init features are small (pooled
+``tiny`` differs from MGCA in lr (1e-2) and batch (64): random-init features are small (pooled
 values ~0.05) and a tiny run has few steps, so lr 5e-4 barely moves the head off its prior.
+``tiny`` also standardizes the features (``standardize``): each dimension is shifted and scaled
+by the mean and standard deviation of the *training* features (validation and test reuse them),
+as MAE's linear probe does with a BatchNorm without affine parameters before the head. A tiny
+encoder's pooled features have a large shared offset and per-dimension scales that differ by
+orders of magnitude, and an unnormalised head trained for a few hundred steps then ranks
+encoders by how well their feature scale suits Adam rather than by what the features hold.
+Measured on cached ``rsna-cls`` 10% features (lr 1e-2, patience 5): a tiny MGCA's test AUROC
+0.519 unstandardized, 0.601 standardized; ConVIRT's 0.532 and 0.577.
 
 Which dataset and labels a task uses is bound in :mod:`tasks.classification`.
 """
@@ -49,6 +57,8 @@ from tasks.common.settings import resolve_settings
 log = logging.getLogger(__name__)
 
 FAMILY = "linear-probe"
+#: 2: the tiny preset standardizes features (``standardize``); 1: raw features at every preset.
+LINEAR_PROBE_VERSION = 2
 LINEAR_PROBE_PROTOCOLS = ("cached", "augmented")
 
 #: Settings per preset. ``paper`` = MGCA §5.1; ``tiny`` is sized for a CPU minute on the ``bench``
@@ -62,10 +72,12 @@ LINEAR_PROBE_SETTINGS: dict[str, dict[str, Any]] = {
         "extract_batch_size": 128, "n_boot": 1000,
         # augmented protocol only (MGCA-style; MGCA itself: RandomCrop 224 of 256, + HFlip for CheXpert)
         "aug_scale_min": 0.6, "aug_scale_max": 1.0, "aug_rotate_deg": 0.0, "aug_hflip": True,
+        "standardize": False,
     },
     "tiny": {
         "image_size": 64,
         "lr": 1e-2, "weight_decay": 1e-6, "batch_size": 64, "max_epochs": 30, "patience": 5,
+        "standardize": True,
         "extract_batch_size": 256, "n_boot": 200,
         "aug_scale_min": 0.6, "aug_scale_max": 1.0, "aug_rotate_deg": 0.0, "aug_hflip": True,
     },
@@ -77,6 +89,13 @@ def _tiny_difference() -> str:
     return (f"MGCA: the tiny preset trains with lr {t['lr']:g}, batch {t['batch_size']}, at most {t['max_epochs']} "
             f"epochs and patience {t['patience']} at {t['image_size']} px (the paper preset keeps MGCA's "
             f"{p['lr']:g}, {p['batch_size']}, {p['max_epochs']}, {p['patience']} at {p['image_size']} px).")
+
+
+def _standardize_difference() -> str:
+    on = [name for name, s in LINEAR_PROBE_SETTINGS.items() if s["standardize"]]
+    return (f"MGCA: with `standardize` (on in presets: {', '.join(on)}) each feature dimension is standardized with "
+            "the training features' mean and standard deviation before the linear head (as MAE's BatchNorm without "
+            "affine parameters), where MGCA feeds the raw pooled features.")
 
 
 #: Where every linear-probe task differs from MGCA's protocol (dataset-specific ones are added
@@ -98,7 +117,33 @@ LINEAR_PROBE_ANCHOR_DIFFERENCES: tuple[str, ...] = (
     "MGCA: each seed is a separate result with 95% patient-level bootstrap CIs on the test metrics, where "
     "MGCA reports a single seed without an interval.",
     _tiny_difference(),
+    _standardize_difference(),
 )
+
+#: BatchNorm's epsilon, but relative to the mean variance of the dimensions: a dimension that is
+#: (nearly) constant on the training set stays finite (an exactly constant one maps to 0), and the
+#: probe stays invariant to a global rescaling of the features, which an absolute epsilon breaks
+#: (it would silence near-dead dimensions of small-scale features and amplify those of large-scale
+#: ones).
+STANDARDIZE_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class FeatureStandardizer:
+    """Per-dimension ``(x - mean) / sqrt(var + eps * mean(var))`` with statistics of the training
+    features."""
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def fit(cls, x_train: torch.Tensor) -> "FeatureStandardizer":
+        x = x_train.double()
+        var = x.var(0, unbiased=False)
+        floor = (STANDARDIZE_EPS * var.mean()).clamp_min(1e-30)
+        return cls(x.mean(0).float(), (var + floor).rsqrt().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean.to(x.device)) * self.scale.to(x.device)
 
 
 @dataclass
@@ -175,19 +220,28 @@ def run_linear_probe(encoder: Encoder, data: Any, spec: RunSpec, device: torch.d
     rows = split_rows(data, space, spec.fraction)
     encoder = encoder.to(device).eval()   # frozen: every backbone pass below runs under no_grad
     t0 = time.perf_counter()
-    # val / test (and, for the cached protocol, train) features come from the cache
-    need = np.concatenate([rows.val, rows.test] + ([rows.train] if protocol == "cached" else []))
+    standardize = bool(settings["standardize"])
+    # val / test (and, for the cached protocol or standardization statistics, train) features come
+    # from the cache; the augmented protocol standardizes with the statistics of plain images
+    need = np.concatenate([rows.val, rows.test] + ([rows.train] if protocol == "cached" or standardize else []))
     cf = cached_features(encoder, data, need, preset=spec.preset, device=device,
                          batch_size=int(settings["extract_batch_size"]), image_size=size, root=feature_root)
     n_v, n_t = len(rows.val), len(rows.test)
     x_val = torch.from_numpy(cf.features[:n_v])
     x_test = torch.from_numpy(cf.features[n_v:n_v + n_t])
+    x_train_plain = torch.from_numpy(cf.features[n_v + n_t:]) if len(need) > n_v + n_t else None
+    norm: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
+    if standardize:
+        assert x_train_plain is not None
+        norm = FeatureStandardizer.fit(x_train_plain)
+        x_val, x_test = norm(x_val), norm(x_test)
     t_features = time.perf_counter() - t0
     y_train = targets_tensor(space, rows.train)
     y_val = targets_tensor(space, rows.val)
 
     if protocol == "cached":
-        x_train = torch.from_numpy(cf.features[n_v + n_t:])
+        assert x_train_plain is not None
+        x_train = norm(x_train_plain)
         batch_features: Callable[[np.ndarray, int], torch.Tensor] = lambda idx, epoch: x_train[idx]  # noqa: E731
     else:
         g_aug = generator(spec.seed, "augment")
@@ -198,7 +252,7 @@ def run_linear_probe(encoder: Encoder, data: Any, spec: RunSpec, device: torch.d
             imgs = images_of(data, rows.train[idx]).to(device).float() / 255.0
             with autocast(device):
                 pooled = encoder.image_features(to_input(encoder, aug(imgs, g_aug), device, size)).pooled
-            return pooled.float()
+            return norm(pooled.float())
 
     t1 = time.perf_counter()
     fit = fit_linear_head(batch_features, len(rows.train), y_train, x_val, y_val, in_dim=encoder.card.embed_dim,

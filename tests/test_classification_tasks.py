@@ -216,6 +216,50 @@ def test_linear_probe_learns_with_cis_details_and_predictions():
     assert preds[0]["patient_id"] == preds[0]["image_id"].split("_")[0]
 
 
+def test_feature_standardizer_uses_training_statistics_only():
+    from tasks.linear_probe import FeatureStandardizer
+
+    g = torch.Generator().manual_seed(0)
+    x_train = torch.randn(500, 4, generator=g) * torch.tensor([0.01, 1.0, 100.0, 0.0]) + torch.tensor([5.0, -2.0, 0.0, 3.0])
+    norm = FeatureStandardizer.fit(x_train)
+    z = norm(x_train)
+    assert torch.allclose(z[:, :3].mean(0), torch.zeros(3), atol=1e-4)
+    var = x_train.double().var(0, unbiased=False)
+    eps = 1e-5 * var.mean()                 # relative epsilon (~0.025 here): it shrinks the small dimensions
+    assert torch.allclose(z[:, :3].std(0, unbiased=False).double(), (var[:3] / (var[:3] + eps)).sqrt(), atol=1e-4)
+    assert z[:, 2].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(FeatureStandardizer.fit(x_train * 1e3 - 7)(x_train * 1e3 - 7), z, atol=1e-4)  # scale-free
+    assert torch.equal(z[:, 3], torch.zeros(500))          # a constant dimension maps to 0, not to inf/nan
+    x_other = x_train + 1.0                                 # val/test are shifted with the *training* mean
+    assert norm(x_other)[:, 1].mean().item() == pytest.approx(1.0 / (var[1] + eps).sqrt().item(), rel=1e-3)
+
+
+def _scaled_pooled(enc, scale: float, shift: float):
+    inner = enc.image_features
+
+    def scaled(x):
+        f = inner(x)
+        f.pooled = f.pooled * scale + shift
+        return f
+
+    enc.image_features = scaled
+    return enc
+
+
+def test_standardized_probe_does_not_depend_on_feature_scale(tmp_path, monkeypatch):
+    """The tiny preset standardizes: the same features at another scale and offset give the same
+    probe (what standardization is for); the paper preset's raw head does not."""
+    data = make_toy("binary", seed=1)
+    out = {}
+    for i, (scale, shift) in enumerate(((100.0, 0.0), (1e4, 50.0))):
+        monkeypatch.setenv("MEDVLP_BENCH_CACHE", str(tmp_path / f"c{i}"))
+        out[scale] = TASKS.get("rsna-cls").run(_scaled_pooled(encoder(), scale, shift), data, spec("rsna-cls"), CPU)
+    assert out[100.0].details["settings"]["standardize"] is True
+    assert out[100.0].details["best_epoch"] == out[1e4].details["best_epoch"]
+    assert out[100.0].metrics["auroc"] == pytest.approx(out[1e4].metrics["auroc"], abs=2e-3)
+    assert LINEAR_PROBE_SETTINGS["paper"]["standardize"] is False   # MGCA-exact at the paper preset
+
+
 def test_threshold_comes_from_validation_not_test():
     data = make_toy("binary", seed=3)
     out = TASKS.get("rsna-cls").run(encoder(), data, spec("rsna-cls"), CPU)
