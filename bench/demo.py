@@ -39,15 +39,6 @@ def demo_dir() -> Path:
     return leaderboard_dir() / ".demo"
 
 
-def ensure_corpus() -> Path:
-    from bench.data.synth.corpus import DEFAULT_SCALE, ensure_corpus as _ensure
-    from bench.paths import synth_root
-
-    root = synth_root(DEFAULT_SCALE, 0)
-    _ensure(root, DEFAULT_SCALE, 0)
-    return root
-
-
 def selected_methods(methods: Sequence[str] | None) -> list[str]:
     """``None``: :data:`DEFAULT_METHODS` (those registered); ``["all"]``: every registered method; else as given."""
     if not methods:
@@ -98,13 +89,16 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
     results_root = demo_dir() / "results" if results_root is None else Path(results_root)
     committed_root = results_dir() if committed_root is None else Path(committed_root)
     leaderboard_out = demo_dir() / "leaderboard.md" if leaderboard_out is None else Path(leaderboard_out)
-    if corpus:
-        t1 = time.perf_counter()
-        root = ensure_corpus()
-        print(f"synthetic corpus: {root} ({time.perf_counter() - t1:.0f} s)", flush=True)
     runner.load_registries()
     method_names = selected_methods(methods)
     task_names = list(tasks) if tasks else [t for t in DEFAULT_TASKS if t in TASKS]
+    if corpus:
+        from bench.data.synth.ensure import ensure_synthetic_datasets
+        from bench.paths import synth_root
+
+        t1 = time.perf_counter()
+        names = ensure_synthetic_datasets(task_names)
+        print(f"synthetic corpus: {synth_root()} ({', '.join(names)}: {time.perf_counter() - t1:.0f} s)", flush=True)
     for name in method_names:
         METHODS.get(name)
     for name in task_names:

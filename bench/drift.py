@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 from tabulate import tabulate
 
 from bench.api import RunSpec
+from bench.data.synth.ensure import ensure_synthetic_datasets
 from bench.errors import BenchError
 from bench.paths import cache_dir, results_dir
 from bench.registry import RegistryError
@@ -277,6 +278,7 @@ def check(*, cells: Sequence[GoldenCell] | None = None, golden_root: Path | None
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="medvlp-drift-"))
         if fresh_cache:
             stack.enter_context(isolated_cache())
+        ensure_synthetic_datasets([c.task for c in cells if c.spec().data == "synth"])
         for cell in cells:
             t1 = time.perf_counter()
             try:

@@ -321,6 +321,31 @@ def test_corpus_machinery_deterministic_reused_and_atomic(tmp_path, fake_writers
         corpus_mod.ensure_corpus(tmp_path / "f", "micro", 0)
 
 
+def test_a_run_generates_only_the_datasets_it_reads(tmp_path, fake_writers):
+    full = tmp_path / "full"
+    corpus_mod.generate_corpus(full, "micro", 7, workers=1)
+    root = tmp_path / "lazy"
+    fake_writers.clear()
+    corpus_mod.ensure_corpus(root, "micro", 7, workers=1, datasets=["fb"])
+    assert fake_writers == ["fb"] and not (root / "fa-root").exists()
+    assert set(corpus_mod.read_corpus_manifest(root)["datasets"]) == {"fb"}
+    assert not corpus_mod._is_complete(root, "micro", 7)
+    before_fb = {k: v for k, v in tree_digest(root).items() if "fb" in k}
+    corpus_mod.ensure_corpus(root, "micro", 7, workers=1, datasets=["fb"])   # already there: nothing written
+    assert fake_writers == ["fb"]
+    corpus_mod.ensure_corpus(root, "micro", 7, workers=1)                      # the rest, fb kept as it was
+    assert fake_writers == ["fb", "fa"]
+    assert {k: v for k, v in tree_digest(root).items() if "fb" in k} == before_fb
+    assert tree_digest(root) == tree_digest(full) and corpus_mod._is_complete(root, "micro", 7)
+    # another scale: every dataset of the old corpus goes, only the one asked for is written
+    fake_writers.clear()
+    corpus_mod.ensure_corpus(root, "tiny", 7, workers=1, datasets=["fa"])
+    assert fake_writers == ["fa"] and not (root / "nested" / "fb-root").exists()
+    assert set(corpus_mod.read_corpus_manifest(root)["datasets"]) == {"fa"}
+    with pytest.raises(ValueError, match="nope"):
+        corpus_mod.ensure_corpus(root, "tiny", 7, datasets=["nope"])
+
+
 # -- a registered stand-in dataset for prepare and the CLI -------------------------------------------
 TOY = "infra-toy"
 
@@ -545,3 +570,14 @@ def test_verify_fails_on_a_planted_official_split_leak(micro_corpus, tmp_path, c
     assert run_data("verify", "--dataset", "mimic-cxr", "--root", str(copy)) == 1
     out = capsys.readouterr().out
     assert "leak" in out and df.loc[j, "subject_id"] in out
+
+
+def test_check_and_demo_generate_only_their_tasks_datasets(monkeypatch):
+    from bench.data.synth import ensure
+
+    asked = []
+    monkeypatch.setattr(corpus_mod, "ensure_corpus", lambda root, scale, seed, datasets=None: asked.append(datasets))
+    assert ensure.ensure_synthetic_datasets(["rsna-cls", "chexpert-ft", "rsna-ft"]) == ["chexpert", "mimic-cxr", "rsna"]
+    assert asked == [["chexpert", "mimic-cxr", "rsna"]]
+    assert ensure.ensure_synthetic_datasets(["siim-seg"], pretraining=False) == ["siim"]
+    assert ensure.ensure_synthetic_datasets([]) == [] and len(asked) == 2

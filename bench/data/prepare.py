@@ -134,9 +134,10 @@ def resolve_dataset(name: str, data: str | Path = "synth", *, scale: str | None 
         scale = DEFAULT_SCALE
     sroot = synth_root(scale, synth_seed)
     if str(data) == "synth" and generate:
-        from bench.data.synth.corpus import ensure_corpus
+        from bench.data.synth.corpus import DATASET_KEYS, ensure_corpus
 
-        ensure_corpus(sroot, scale, synth_seed)
+        # only the dataset this run reads (a dataset without a writer of its own: the whole corpus)
+        ensure_corpus(sroot, scale, synth_seed, datasets=[name] if name in DATASET_KEYS else None)
     root, kind = resolve_root(spec, data, sroot)
     if kind == "real":
         from bench.data.synth.corpus import corpus_of

@@ -155,17 +155,9 @@ def resized_datasets(meta: dict, scale: str) -> list[str]:
     return out
 
 
-def _all_written(root: Path, meta: dict | None, scale: str, seed: int) -> bool:
-    """Every dataset of this scale, seed and generator version is there (whatever its size)."""
-    return bool(meta) and (meta.get("scale") == scale and meta.get("seed") == seed
-                           and meta.get("version") == generator_version()
-                           and set(meta.get("datasets", {})) == set(WRITERS)
-                           and all((root / sub).is_dir() for sub in WRITERS.values()))
-
-
 def _is_complete(root: Path, scale: str, seed: int) -> bool:
-    meta = read_corpus_manifest(root)
-    return _all_written(root, meta, scale, seed) and not resized_datasets(meta, scale)
+    """Every dataset of this scale, seed and generator version is there at its current size."""
+    return not _to_generate(root, read_corpus_manifest(root), scale, seed, list(WRITERS))
 
 
 def generate_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, datasets=None,
@@ -220,29 +212,48 @@ def _generate_locked(root: Path, scale: str, seed: int, keys: list[str], workers
     return meta
 
 
-def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers: int = 2) -> Path:
-    """Return ``root`` holding a complete corpus of this scale, seed and generator version,
-    generating it first when absent, partial or different (a partial one is removed)."""
+def _same_corpus(meta: dict | None, scale: str, seed: int) -> bool:
+    return bool(meta) and (meta.get("scale"), meta.get("seed"), meta.get("version")) == (scale, seed, generator_version())
+
+
+def _to_generate(root: Path, meta: dict | None, scale: str, seed: int, keys: list[str]) -> list[str]:
+    """Which of ``keys`` a corpus of this scale, seed and version lacks or holds at another size."""
+    if not _same_corpus(meta, scale, seed):
+        return list(keys)
+    listed = meta.get("datasets", {}) if meta else {}
+    resized = set(resized_datasets({"datasets": {k: v for k, v in listed.items() if k in keys}}, scale))
+    return [k for k in keys if k not in listed or not (root / WRITERS[k]).is_dir() or k in resized]
+
+
+def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers: int = 2,
+                  datasets=None) -> Path:
+    """Return ``root`` holding the datasets ``datasets`` (registry or writer keys; ``None``: all) of a
+    corpus of this scale, seed and generator version, generating first what is absent, partial,
+    resized or of another corpus. Each dataset draws from its own random stream, so the datasets
+    generated now are byte for byte those a full generation writes; a run generates only what it
+    reads (``bench run --task rsna-cls`` on a fresh machine writes RSNA, not the other seven)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
     root = Path(root).expanduser().resolve()
-    if _is_complete(root, scale, seed):
+    keys = list(WRITERS) if datasets is None else [DATASET_KEYS.get(k, k) for k in datasets]
+    unknown = [k for k in keys if k not in WRITERS]
+    if unknown:
+        raise ValueError(f"unknown synthetic dataset(s) {unknown}; expected keys of {sorted(WRITERS)}")
+    keys = [k for k in WRITERS if k in keys]   # the writers' order
+    if not _to_generate(root, read_corpus_manifest(root), scale, seed, keys):
         return root
     with _locked(root):
-        if _is_complete(root, scale, seed):  # another process finished it while we waited
-            return root
         meta = read_corpus_manifest(root)
-        if _all_written(root, meta, scale, seed):
-            resized = resized_datasets(meta, scale)
-            log.warning("synthetic corpus at %s: %s changed size at scale %s; regenerating %s only (the other "
-                        "datasets are unchanged)", root, ", ".join(resized), scale, "it" if len(resized) == 1 else "them")
-            meta = _generate_locked(root, scale, seed, resized, workers)
-            log.info("synthetic corpus (%s, seed %d): %d images -> %s", scale, seed, meta["images"], root)
+        todo = _to_generate(root, meta, scale, seed, keys)
+        if not todo:                                # another process finished it while we waited
             return root
-        if meta:
+        if _same_corpus(meta, scale, seed):
+            log.info("synthetic corpus at %s: generating %s (the other datasets are kept)", root, ", ".join(todo))
+        elif meta:
             log.warning("synthetic corpus at %s is %s/seed %s/version %s; regenerating as %s/seed %d/version %s",
                         root, meta.get("scale"), meta.get("seed"), meta.get("version"), scale, seed,
                         generator_version())
+            _clean(root, list(WRITERS))             # no dataset of the old corpus may stay behind
         elif any(p.name != _LOCK_NAME for p in root.iterdir()):  # our own lock file is not content
             foreign = [p.name for p in root.iterdir() if p.name != _LOCK_NAME and not p.name.startswith(".")
                        and p.name not in {s.split("/")[0] for s in WRITERS.values()}]
@@ -250,7 +261,8 @@ def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers:
                 raise DataError(f"directory holds files that are not part of a synthetic corpus ({foreign[:5]}); "
                                 "refusing to generate into it", path=root)
             log.warning("synthetic corpus at %s is partial (no %s); regenerating", root, MANIFEST_NAME)
-        meta = _generate_locked(root, scale, seed, list(WRITERS), workers)
+            _clean(root, list(WRITERS))
+        meta = _generate_locked(root, scale, seed, todo, workers)
     log.info("synthetic corpus (%s, seed %d): %d images in %.1fs -> %s", scale, seed, meta["images"],
              meta["seconds"], root)
     return root
