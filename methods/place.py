@@ -80,7 +80,8 @@ OPTIONS = {
     "ot_epsilon": MethodOption(0.05, "DD-PLACE-3: entropic regularisation of optimal_transport matching"),
     "ot_iterations": MethodOption(10, "DD-PLACE-3: Sinkhorn iterations of optimal_transport matching"),
     "cce_target": MethodOption("pixels", "DD-PLACE-4: patch correlation target: pixels (raw pixel blocks under "
-                                         "the local grid) or features (the detached projected local tokens)"),
+                                         "the local grid) or features (the detached projected local tokens; degenerate: the "
+                                         "head can copy its input, kept to rebuild DD-PLACE-4's alternatives)"),
     "cce_block": MethodOption(8, "DD-PLACE-4: pixels per side of each patch's block (cce_target=pixels)"),
     "cce_loss": MethodOption("mse", "DD-PLACE-4: CCE loss: mse, kl (row-wise, at cce_temperature) or cosine"),
     "cce_temperature": MethodOption(0.1, "DD-PLACE-4: temperature of cce_loss=kl"),
@@ -183,7 +184,7 @@ class PLACEModel(seed.SeedModel):
                              "(none ships offline); use sentence or window (DD-PLACE-2)")
         conditioning = seed.choice(NAME, o, "cce_conditioning", CCE_CONDITIONING)
         vpoe_type = seed.choice(NAME, o, "vpoe_type", VPOE_TYPES)
-        weights = {k: seed.positive(NAME, o, k, allow_zero=True) for k in ("lambda_ita", "lambda_pcma", "lambda_cce")}
+        weights = seed.loss_weights(NAME, o, ("lambda_ita", "lambda_pcma", "lambda_cce"))
         e, h = recipe.embed_dim, recipe.head_hidden
         extra: dict[str, nn.Module] = {}
         if weights["lambda_pcma"]:                  # DD-PLACE-1/2: the VPOE and the T-POR head

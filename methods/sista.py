@@ -8,9 +8,12 @@ decision with an ID and a ``--set sista.<key>`` option.
 
 * **SIA** (semantics-aware instance alignment, DD-SISTA-1): MGCA's instance InfoNCE between the
   global embeddings (τ 0.07), except that report pairs which are semantically the same are not
-  treated as negatives. Inter-report similarity (``sia_similarity``): the model's own global text
-  embeddings without gradient (``own_text_stopgrad``) or TF-IDF vectors of the reports' tokens
-  (``tfidf``; no parameters); two reports with identical tokens always count as similarity 1 (a
+  treated as negatives. Inter-report similarity (``sia_similarity``): TF-IDF vectors of the reports'
+  tokens (``tfidf``, the default: fixed, like FaNe's frozen Bio_ClinicalBERT) or the model's own
+  global text embeddings without gradient (``own_text_stopgrad``). The default is the fixed one
+  because a similarity the model learns has a zero-loss minimum: if the text embeddings collapse,
+  every pair crosses the threshold, every negative leaves the contrast and SIA is exactly 0, and
+  the closer the embeddings get the fewer negatives push them apart. Two reports with identical tokens always count as similarity 1 (a
   duplicated report is never a negative, dropout or not). With ``sia_rescale`` the similarity is
   rescaled as FaNe does, ``S' = (S - o*) / (1 - o*)`` with ``o*`` an EMA (``sia_offset_momentum``) of
   the mean cosine between each report and the batch's mean report (kept in the ``sia_offset``
@@ -59,8 +62,9 @@ OPTIONS = {
                                              "every other report is a negative: the SIA ablation)"),
     "sia_mode": MethodOption("threshold", "DD-SISTA-1: threshold (FaNe-like positive mining) or soft "
                                           "(MedCLIP-like soft targets)"),
-    "sia_similarity": MethodOption("own_text_stopgrad", "DD-SISTA-1: inter-report similarity: own_text_stopgrad "
-                                                        "(own global text embeddings, no gradient) or tfidf"),
+    "sia_similarity": MethodOption("tfidf", "DD-SISTA-1: inter-report similarity: tfidf (fixed, the default) or "
+                                            "own_text_stopgrad (own global text embeddings, no gradient; has a "
+                                            "zero-loss collapse: identical text embeddings remove every negative)"),
     "sia_threshold": MethodOption(0.95, "DD-SISTA-1: rescaled similarity above which a pair is a false negative"),
     "sia_rescale": MethodOption(True, "DD-SISTA-1: FaNe's rescaling S' = (S - o*) / (1 - o*)"),
     "sia_offset_momentum": MethodOption(0.05, "DD-SISTA-1: EMA momentum of the offset o* (FaNe: 0.05)"),
@@ -100,7 +104,8 @@ class TokenGate(nn.Module):
 class SISTAModel(seed.SeedModel):
     def __init__(self, image, text, recipe: VLPRecipe, options: Mapping[str, Any]) -> None:
         o = options
-        weights = {k: seed.positive(NAME, o, k, allow_zero=True) for k in ("lambda_sia", "lambda_sta", "lambda_sparsity")}
+        weights = seed.loss_weights(NAME, o, ("lambda_sia", "lambda_sta"))
+        weights["lambda_sparsity"] = seed.positive(NAME, o, "lambda_sparsity", allow_zero=True)
         sparsifier = seed.choice(NAME, o, "sta_sparsifier", STA_SPARSIFIERS)
         extra = {}
         if weights["lambda_sta"] and sparsifier == "learned_gate":
@@ -185,7 +190,7 @@ objective = SO.sista_objective
 
 DEFINITION = VLPMethod(name=NAME, reference="SISTA (Bui et al., arXiv 2601.08165), re-implemented from the abstract "
                                             "by medvlp-bench (design decisions DD-SISTA-1..4)",
-                       recipe_version=1, options=OPTIONS, recipe=seed.recipe, text_spec=seed.text_spec,
+                       recipe_version=2, options=OPTIONS, recipe=seed.recipe, text_spec=seed.text_spec,
                        build=SISTAModel)
 
 METHODS.add(NAME, MethodEntry(

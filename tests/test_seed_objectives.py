@@ -82,6 +82,51 @@ def test_sia_a_duplicated_report_is_not_a_negative():
     assert torch.allclose(pos, by_hand, atol=1e-6)
 
 
+def test_sia_targets_are_distributions_in_both_directions_when_the_relation_is_not_transitive():
+    img, txt = _pair(b=4, seed=11)
+    sim = torch.eye(4)
+    sim[0, 1] = sim[1, 0] = sim[1, 2] = sim[2, 1] = 1.0        # 0~1 and 1~2, but not 0~2
+    logits = img @ txt.t() / 0.07
+    m = (sim > 0.5).float()
+    y_r, y_c = m / m.sum(1, keepdim=True), m.t() / m.t().sum(1, keepdim=True)
+    by_hand = 0.5 * (-(y_r * torch.log_softmax(logits, 1)).sum(1).mean()
+                     - (y_c * torch.log_softmax(logits.t(), 1)).sum(1).mean())
+    assert torch.allclose(SO.sia_loss(img, txt, sim, false_negatives="positive"), by_hand, atol=1e-6)
+    # soft targets: an asymmetric similarity gives each report its own distribution over images
+    a = torch.rand(4, 4, generator=_gen(12))
+    t_r = 0.8 * torch.eye(4) + 0.2 * torch.softmax(a / 0.1, 1)
+    t_c = 0.8 * torch.eye(4) + 0.2 * torch.softmax(a.t() / 0.1, 1)
+    soft = 0.5 * (-(t_r * torch.log_softmax(logits, 1)).sum(1).mean() - (t_c * torch.log_softmax(logits.t(), 1)).sum(1).mean())
+    assert torch.allclose(SO.sia_loss(img, txt, a, mode="soft", soft_alpha=0.2, soft_temperature=0.1), soft, atol=1e-6)
+
+
+def test_sista_default_similarity_cannot_collapse():
+    """With the model's own text embeddings as similarity, collapsed embeddings remove every negative
+    and SIA is 0; the default (TF-IDF of the reports) does not depend on the embeddings."""
+    from methods.sista import OPTIONS
+
+    assert OPTIONS["sia_similarity"].default == "tfidf"
+    img = _unit(6, 16, seed=13)
+    collapsed = _unit(1, 16, seed=14).expand(6, 16)
+    own = collapsed @ collapsed.t()
+    assert SO.sia_loss(img, collapsed, own).item() == pytest.approx(0.0, abs=1e-6)
+    ids = torch.tensor([[2, 5 + i, 20 + i, 3] for i in range(6)])         # six different reports
+    tfidf = SO.tfidf_similarity(ids, torch.ones_like(ids), torch.tensor([0, 2, 3]))
+    assert SO.sia_loss(img, collapsed, tfidf).item() > 1.0                 # ~log 6: every negative stays
+
+
+def test_hardest_candidates_skip_identical_reports():
+    g = torch.tensor([[1.0, 0.9, 0.8, 0.1], [0.9, 1.0, 0.2, 0.3], [0.8, 0.2, 1.0, 0.5], [0.1, 0.3, 0.5, 1.0]])
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True                                         # reports 0 and 1 are identical
+    rows, cols = SO.hardest_candidates(g, 1)
+    assert rows[0].tolist() == [0, 1]                                      # without the mask: the duplicate
+    rows, cols = SO.hardest_candidates(g, 1, same)
+    assert rows[0].tolist() == [0, 2] and rows[1].tolist() == [1, 3] and cols[0].tolist() == [0, 2]
+    rows, _ = SO.hardest_candidates(g, 3, same)                            # fewer others than k: duplicate last
+    assert rows[0].tolist() == [0, 2, 3, 1]
+
+
 def test_sia_offset_statistic_and_tfidf_duplicates():
     r = _unit(6, 8, seed=6)
     sim = r @ r.t()

@@ -61,6 +61,16 @@ def positive(method: str, options: Mapping[str, Any], key: str, kind: type = flo
     return value
 
 
+def loss_weights(method: str, options: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+    """The loss-term weights ``keys`` (each >= 0; 0 switches its module off), refusing all zero: a
+    method with no loss term would train nothing."""
+    weights = {k: positive(method, options, k, allow_zero=True) for k in keys}
+    if not any(weights.values()):
+        raise BenchError(f"{method}: every loss weight is 0 ({', '.join(f'{k}=0' for k in keys)}); "
+                         "at least one term must stay on")
+    return weights
+
+
 def trim_words(words: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the word slots that no report of the batch uses (words fill slots 0, 1, ... in order),
     so the pairwise modules never pay for padding beyond the longest report."""

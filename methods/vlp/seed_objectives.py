@@ -320,15 +320,21 @@ def matching_vectors(context: Tensor, words: Tensor) -> Tensor:
     return (F.normalize(context, dim=-1) - F.normalize(words, dim=-1)).pow(2)
 
 
-def hardest_candidates(similarity: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def hardest_candidates(similarity: Tensor, k: int, same_report: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Candidate lists for a local contrast restricted to hard negatives (DD-RECLF-4,
     ``local_candidates``): from a global similarity matrix ``[B, B]`` (images x reports; no gradient),
     ``rows [B, k+1]``: for each image its own report first, then the ``k`` most similar other reports;
-    ``cols [B, k+1]``: for each report its own image first, then the ``k`` most similar other images."""
+    ``cols [B, k+1]``: for each report its own image first, then the ``k`` most similar other images.
+
+    ``same_report [B, B]`` (bool) marks pairs whose reports are identical: such a pair is the most
+    similar by construction and is no negative, so it is ranked last (chosen only when a row has fewer
+    than ``k`` other reports)."""
     s = similarity.detach()
     b = s.shape[0]
     k = min(int(k), b - 1)
     own = torch.arange(b, device=s.device).unsqueeze(1)
+    if same_report is not None:
+        s = s.masked_fill(same_report, -1e4)   # below any cosine, above the diagonal's -inf
     off = s.masked_fill(torch.eye(b, dtype=torch.bool, device=s.device), _NEG_INF)
     rows = torch.cat([own, off.topk(k, dim=1).indices], dim=1)
     cols = torch.cat([own, off.t().topk(k, dim=1).indices], dim=1)
@@ -452,7 +458,8 @@ def sia_loss(
       sharing the target mass uniformly with the diagonal. With no pair above the threshold this is
       exactly MGCA's instance InfoNCE; an exact duplicate report (``S = 1``) is never a negative.
     * ``soft``: soft targets ``y = (1 - α) I + α softmax_j(S'_ij / soft_temperature)`` (MedCLIP-like),
-      cross-entropy against ``y`` for rows and ``yᵀ`` for columns.
+      cross-entropy against ``y`` for rows and, for columns, the same targets built from ``S'ᵀ``
+      (each direction's targets sum to one per row).
     """
     logits = (img @ txt.t()).float() / temperature
     b = logits.shape[0]
@@ -468,13 +475,17 @@ def sia_loss(
             rows, cols = O.info_nce(masked)
             return 0.5 * (rows + cols)
         if false_negatives == "positive":
-            y = (eye | extra).to(logits.dtype)
-            y = y / y.sum(1, keepdim=True)
-            return 0.5 * (soft_cross_entropy(logits, y) + soft_cross_entropy(logits.t(), y.t()))
+            # each direction's targets are normalised over its own rows: the relation need not be
+            # transitive, so the transpose of the row-normalised matrix does not sum to one per row
+            m = (eye | extra).to(logits.dtype)
+            return 0.5 * (soft_cross_entropy(logits, m / m.sum(1, keepdim=True))
+                          + soft_cross_entropy(logits.t(), m.t() / m.t().sum(1, keepdim=True)))
         raise ValueError(f"false_negatives must be remove or positive, got {false_negatives!r}")
     if mode == "soft":
-        y = (1.0 - soft_alpha) * eye.to(logits.dtype) + soft_alpha * torch.softmax(sim / soft_temperature, dim=1)
-        return 0.5 * (soft_cross_entropy(logits, y) + soft_cross_entropy(logits.t(), y.t()))
+        diag = (1.0 - soft_alpha) * eye.to(logits.dtype)
+        y_rows = diag + soft_alpha * torch.softmax(sim / soft_temperature, dim=1)
+        y_cols = diag + soft_alpha * torch.softmax(sim.t() / soft_temperature, dim=1)   # a distribution per report
+        return 0.5 * (soft_cross_entropy(logits, y_rows) + soft_cross_entropy(logits.t(), y_cols))
     raise ValueError(f"sia mode must be threshold or soft, got {mode!r}")
 
 
