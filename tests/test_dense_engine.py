@@ -199,24 +199,26 @@ def test_every_head_builds_and_runs_on_any_pyramid(make):
 
 # -- training through mmengine's Runner: determinism and resume -----------------------------------------------
 
-def _toy_runner(work_dir, max_iters, *, resume=False, seed=0):
+def _toy_runner(work_dir, max_iters, *, resume=False, seed=0, patience=0):
     init_default_scope("mmseg")
     from tasks.dense.evaluate import SegmentationRecords
     from tasks.segmentation import UNET_SETTINGS
 
     data = make_toy(SIZE)
-    s = dict(UNET_SETTINGS["tiny"], batch_size=4, eval_batch_size=16, patience=0, image_size=SIZE)
+    s = dict(UNET_SETTINGS["tiny"], batch_size=4, eval_batch_size=16, patience=patience, image_size=SIZE)
     enc = tiny_encoder()
     cfg, _ = segmentor_config("unet", enc, SIZE, s, aug_seed=7, frozen=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = MODELS.build(cfg)
     val = SegmentationSamples(data, data.manifest.rows("val"), SIZE)
+    history = engine.ValHistory()
     runner = engine.build_runner(
         model, scope="mmseg", work_dir=work_dir, train_set=SegmentationSamples(data, data.manifest.rows("train"), SIZE),
         val_set=val, test_set=val, val_metric=SegmentationRecords(), test_metric=SegmentationRecords(),
         select_key="seg/dice_dataset", settings=s, max_iters=max_iters, val_interval=2, seed=seed, shuffle_seed=5,
-        device=CPU, resume=resume)
+        device=CPU, resume=resume, extra_hooks=[history.hook()])
+    runner.history = history
     return runner, model
 
 
@@ -234,10 +236,41 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert int(b["data_preprocessor.aug_step"]) == 6
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert different == []
+    # the validation at the checkpoint's iteration (saved before it ran) is replayed, not skipped
+    assert [r["iter"] for r in again.history.records] == [r["iter"] for r in full.history.records] == [2, 4, 6]
+    assert again.history.records == full.history.records
+    assert engine.best_checkpoint(again).name == engine.best_checkpoint(full).name
     # a run that starts over from scratch with another seed does not end there (the comparison can fail)
     other, model_other = _toy_runner(tmp_path / "other", 6, seed=1)
     other.train()
     assert any(not torch.equal(a[k], model_other.state_dict()[k]) for k in a if "decode_head" in k)
+
+
+def test_patience_counts_any_gain_as_a_gain():
+    from mmengine.hooks import EarlyStoppingHook  # noqa: F401  (registers the base)
+
+    hook = engine.ResumablePatience(monitor="seg/dice", rule="greater", patience=2, min_delta=0.0, strict=False)
+
+    class _Loop:
+        stop_training = False
+
+    class _Runner:
+        train_loop = _Loop()
+        logger = __import__("logging").getLogger("test")
+
+    r = _Runner()
+    for score in (0.30, 0.31, 0.32, 0.33, 0.34):        # small but steady gains: never stops
+        hook.after_val_epoch(r, {"seg/dice": score})
+    assert r.train_loop.stop_training is False
+    for score in (0.33, 0.32):                          # two validations without a gain: stops
+        hook.after_val_epoch(r, {"seg/dice": score})
+    assert r.train_loop.stop_training is True
+
+
+def test_the_runner_builds_patience_with_no_minimum_gain(tmp_path):
+    runner, _ = _toy_runner(tmp_path / "p", 2, patience=3)
+    (hook,) = [h for h in runner.hooks if isinstance(h, engine.ResumablePatience)]
+    assert hook.min_delta == 0.0 and hook.patience == 3
 
 
 def test_checkpoints_load_with_weights_only_through_the_allowlist(tmp_path):

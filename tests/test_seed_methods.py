@@ -85,7 +85,7 @@ def test_captions_keep_their_text_and_carry_sentence_ends():
 @pytest.mark.parametrize("name,options", [
     ("place", {}), ("place", {"pcma_matching": "optimal_transport", "cce_target": "features", "vpoe_type": "cross_attn"}),
     ("reclf", {}), ("reclf", {"local_candidates": None, "local_matching": "mgca", "local_loss": "hinge_hardest"}),
-    ("sista", {}), ("sista", {"sta_sparsifier": "learned_gate", "sta_direction": "both", "sia_similarity": "tfidf"}),
+    ("sista", {}), ("sista", {"sta_sparsifier": "learned_gate", "sta_direction": "both", "sia_similarity": "own_text_stopgrad"}),
     ("place", {"image_arch": "vit"}),
 ])
 def test_gradients_reach_every_parameter_and_none_is_frozen(name, options, tokenizer):

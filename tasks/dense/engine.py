@@ -115,6 +115,15 @@ class _HistoryHook(Hook):
     def __init__(self, history: ValHistory) -> None:
         self.history = history
 
+    def before_train(self, runner) -> None:
+        """Replay the validation a resumed run would otherwise skip. mmengine's CheckpointHook saves in
+        ``after_train_iter``, before that iteration's validation, so a checkpoint is one validation
+        behind (history, patience, best checkpoint); resuming starts after its iteration."""
+        it, loop = int(runner.iter), runner.train_loop
+        interval = int(getattr(loop, "val_interval", 0) or 0)
+        if it > 0 and interval and it % interval == 0 and not any(r["iter"] == it for r in self.history.records):
+            runner.val_loop.run()
+
     def after_val_epoch(self, runner, metrics=None) -> None:
         if metrics:
             self.history.records.append({"iter": int(runner.iter), **{k: float(v) for k, v in metrics.items()}})
@@ -174,8 +183,9 @@ def build_runner(model: torch.nn.Module, *, scope: str, work_dir: Path, train_se
         raise BenchError("dense tasks run where mmengine puts the model, which is CUDA on this machine; "
                          "use --device auto or cuda (or hide the GPUs with CUDA_VISIBLE_DEVICES='')")
     patience = int(settings["patience"])
+    # min_delta 0: mmengine's default (0.1) counts any gain under 0.1 of a 0-1 metric as no gain
     hooks = [dict(type="ResumablePatience", monitor=select_key, rule="greater", patience=patience,
-                  strict=False)] if patience > 0 else []
+                  min_delta=0.0, strict=False)] if patience > 0 else []
     hooks += [dict(type="WeightsOnlyCheckpoints")] + list(extra_hooks)
     eval_bs = int(settings["eval_batch_size"])
     return Runner(

@@ -182,6 +182,9 @@ def run_dense(encoder: Encoder, data: Any, spec: RunSpec, device: torch.device |
     runner.train()
     t_train = time.perf_counter() - t0
     best = engine.best_checkpoint(runner)
+    if best is None and history.records:
+        raise BenchError(f"{spec.task}: {len(history.records)} validations ran but mmengine's best checkpoint "
+                         f"is missing from {work_dir}; the test set is never scored with the last weights instead")
     if best is not None:
         # the weights only: Runner.load_checkpoint would also hand the checkpoint to the hooks, which
         # would roll the validation history and patience back to the best iteration
