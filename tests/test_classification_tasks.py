@@ -393,7 +393,7 @@ def test_fine_tune_updates_the_encoder_and_learns():
     data = make_toy("binary", n_patients=80)
     enc = encoder()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    out = TASKS.get("rsna-ft").run(enc, data, spec("rsna-ft"), CPU)
+    out = TASKS.get("rsna-ft").run(enc, data, spec("rsna-ft", overrides=(("max_epochs", 10),)), CPU)
     changed = [k for k, v in enc.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.endswith("conv1.weight") for k in changed), "encoder weights did not change"
     assert out.metrics["auroc"] > 0.75
