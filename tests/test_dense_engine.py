@@ -197,6 +197,26 @@ def test_every_head_builds_and_runs_on_any_pyramid(make):
             assert name == ("unet" if len(enc.card.feature_channels) > 1 else "setr-pup")
 
 
+@pytest.mark.parametrize("name", sorted(__import__("bench.api", fromlist=["METHODS"]).METHODS.names()))
+def test_every_registered_method_runs_the_rsna_det_model(name, tmp_path):
+    """No method has dense-specific code: each registered method's tiny encoder (built the way a run
+    builds it, untrained) becomes the frozen backbone of rsna-det's YOLOv3 and gives a finite loss."""
+    from test_method_contract import build
+
+    from tasks.detection import YOLO_SETTINGS
+
+    enc = build(name, "tiny", 0, tmp_path)
+    init_default_scope("mmdet")
+    s = dict(YOLO_SETTINGS["tiny"], image_size=SIZE)
+    model = MODELS.build(detector_config("yolov3", enc, SIZE, s, aug_seed=0, frozen=True))
+    samples = DetectionSamples(make_toy(SIZE), np.arange(2), SIZE)
+    batch = {"inputs": [samples[i]["inputs"] for i in range(2)], "data_samples": [samples[i]["data_samples"] for i in range(2)]}
+    total, _ = model.parse_losses(model(**model.data_preprocessor(batch, True), mode="loss"))
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is None for p in enc.parameters())          # frozen: the encoder gets no gradient
+
+
 # -- training through mmengine's Runner: determinism and resume -----------------------------------------------
 
 def _toy_runner(work_dir, max_iters, *, resume=False, seed=0, patience=0):
