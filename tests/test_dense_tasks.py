@@ -88,6 +88,10 @@ def test_siim_trains_on_all_positives_and_as_many_negatives():
     assert np.array_equal(rows, again) and not np.array_equal(rows, other)
     plain, info = train_rows(data, 1.0, False, split_seed=0)
     assert np.array_equal(plain, np.sort(all_rows)) and info == {}
+    # nested like the fractions: 1% inside 10% inside 100%, negatives included
+    by_fraction = {f: set(train_rows(data, f, True, split_seed=0)[0].tolist()) for f in (0.01, 0.1, 1.0)}
+    assert by_fraction[0.01] <= by_fraction[0.1] <= by_fraction[1.0] == set(rows.tolist())
+    assert len(by_fraction[0.1]) > len(by_fraction[0.01])
 
 
 def test_budget_caps_epochs_by_iterations_and_validates_per_epoch_by_default():

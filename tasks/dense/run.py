@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.api import Capability, Encoder, RunSpec, TaskOutput
+from bench.api import FRACTIONS, Capability, Encoder, RunSpec, TaskOutput
 from bench.errors import BenchError
 from bench.paths import cache_dir
 from tasks.common.precision import precision_label
@@ -73,15 +73,27 @@ def package_versions() -> dict[str, str]:
 def train_rows(data: Any, fraction: float, balance_negatives: bool, split_seed: int
                ) -> tuple[np.ndarray, dict[str, int]]:
     """Training rows at ``fraction``; with ``balance_negatives`` (SIIM, MGCA) all positives plus as many
-    negatives, drawn with a generator of the split seed (every run seed and method trains on the same
-    images)."""
+    negatives, drawn in one random order of the split seed (every run seed and method trains on the
+    same images). The negatives stay nested like the fractions: each fraction keeps the negatives of
+    the smaller ones and adds the next ones in that order from those it newly makes available."""
     rows = np.sort(np.asarray(data.manifest.rows("train", fraction), dtype=np.int64))
     if not balance_negatives:
         return rows, {}
-    positive = np.array([data.table.mask_area(int(r)) > 0 for r in rows], dtype=bool)
-    pos, neg = rows[positive], rows[~positive]
-    rng = np.random.default_rng(derived_seed(split_seed, f"{data.table.dataset}:balanced-negatives:{fraction}"))
-    take = np.sort(rng.choice(neg, size=min(len(pos), len(neg)), replace=False)) if len(neg) else neg
+
+    def split(rr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        positive = np.array([data.table.mask_area(int(r)) > 0 for r in rr], dtype=bool)
+        return rr[positive], rr[~positive]
+
+    pos, neg = split(rows)
+    every = np.sort(np.asarray(data.manifest.rows("train", 1.0), dtype=np.int64))
+    rng = np.random.default_rng(derived_seed(split_seed, f"{data.table.dataset}:balanced-negatives"))
+    rank = dict(zip(every.tolist(), rng.permutation(len(every)).tolist()))   # one order for every fraction
+    kept: list[int] = []
+    for f in sorted({*(x for x in FRACTIONS if x < fraction), fraction}):
+        p_f, n_f = split(np.asarray(data.manifest.rows("train", f), dtype=np.int64))
+        fresh = sorted(set(n_f.tolist()) - set(kept), key=rank.__getitem__)
+        kept += fresh[:max(0, min(len(p_f), len(n_f)) - len(kept))]
+    take = np.sort(np.asarray(kept, dtype=np.int64))
     return np.sort(np.concatenate([pos, take])), {"positives": int(len(pos)), "negatives_kept": int(len(take)),
                                                    "negatives_available": int(len(neg))}
 
