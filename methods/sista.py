@@ -75,7 +75,10 @@ OPTIONS = {
     "temperature": MethodOption(0.07, "DD-SISTA-4: temperature of the instance contrast (MGCA's)"),
     "sta_direction": MethodOption("word_to_patch", "DD-SISTA-2: word_to_patch (SPARC), patch_to_word or both"),
     "sta_sparsifier": MethodOption("threshold", "DD-SISTA-2: threshold (SPARC's 1/P), topk, sparsemax or "
-                                                "learned_gate"),
+                                                "learned_gate (experimental: the weights are renormalised, so the "
+                                                "gate's overall level is free and its L1 term lowers that level "
+                                                "without making the alignment sparser; FaNe's unnormalised sigmoid "
+                                                "attention is not reproduced yet)"),
     "sta_topk": MethodOption(4, "DD-SISTA-2: tokens kept by sta_sparsifier=topk"),
     "sta_temperature": MethodOption(0.1, "DD-SISTA-2: temperature of the within-sample token contrast"),
     "gate_hidden": MethodOption(64, "DD-SISTA-2: hidden width of the learned gate (sta_sparsifier=learned_gate)"),
