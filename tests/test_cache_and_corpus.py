@@ -581,3 +581,19 @@ def test_check_and_demo_generate_only_their_tasks_datasets(monkeypatch):
     assert asked == [["chexpert", "mimic-cxr", "rsna"]]
     assert ensure.ensure_synthetic_datasets(["siim-seg"], pretraining=False) == ["siim"]
     assert ensure.ensure_synthetic_datasets([]) == [] and len(asked) == 2
+
+
+def test_prepared_data_is_kept_per_dataset_and_cache_folder(monkeypatch, tmp_path):
+    from bench import runner
+    from bench.data import prepare
+
+    calls = []
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda *a, **k: calls.append((a, k)) or object())
+    runner._prepare_data_memo.cache_clear()
+    monkeypatch.setenv("MEDVLP_BENCH_CACHE", str(tmp_path / "one"))
+    first = runner.prepare_data("rsna", "synth", image_size=64, split_seed=0)
+    assert runner.prepare_data("rsna", "synth", image_size=64, split_seed=0) is first and len(calls) == 1
+    runner.prepare_data("rsna", "synth", image_size=96, split_seed=0)          # another size: prepared again
+    monkeypatch.setenv("MEDVLP_BENCH_CACHE", str(tmp_path / "two"))           # another cache (the drift check's)
+    assert runner.prepare_data("rsna", "synth", image_size=64, split_seed=0) is not first and len(calls) == 3
+    runner._prepare_data_memo.cache_clear()
