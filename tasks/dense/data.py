@@ -69,26 +69,36 @@ def _check_square(data: Any, size: int) -> None:
                         f"runner prepares the cache at the task's image_size", path=getattr(data.images, "path", None))
 
 
-class DetectionSamples(Dataset):
-    """Rows as mmdet ``dict(inputs=uint8 [1, S, S], data_samples=DetDataSample)``."""
+class _Samples(Dataset):
+    """Rows of the letterboxed image cache at the task's input size, with each row's content box."""
 
     def __init__(self, data: Any, rows: np.ndarray, size: int) -> None:
-        from mmdet.structures import DetDataSample  # noqa: F401  (fail early without mmdet)
-
         _check_square(data, size)
         self.data, self.rows, self.size = data, np.asarray(rows, dtype=np.int64), int(size)
-        self.boxes = [input_boxes(data, r) for r in self.rows]
         self.content = [content_box(data, r) for r in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _image(self, i: int) -> tuple[int, torch.Tensor]:
+        row = int(self.rows[i])
+        return row, torch.from_numpy(np.array(self.data.images.array[row], dtype=np.uint8)).unsqueeze(0)
+
+
+class DetectionSamples(_Samples):
+    """Rows as mmdet ``dict(inputs=uint8 [1, S, S], data_samples=DetDataSample)``."""
+
+    def __init__(self, data: Any, rows: np.ndarray, size: int) -> None:
+        from mmdet.structures import DetDataSample  # noqa: F401  (fail early without mmdet)
+
+        super().__init__(data, rows, size)
+        self.boxes = [input_boxes(data, r) for r in self.rows]
+
     def __getitem__(self, i: int) -> dict:
         from mmdet.structures import DetDataSample
         from mmengine.structures import InstanceData
 
-        row = int(self.rows[i])
-        image = torch.from_numpy(np.array(self.data.images.array[row], dtype=np.uint8)).unsqueeze(0)
+        row, image = self._image(i)
         s = self.size
         sample = DetDataSample(metainfo={"img_id": row, "img_shape": (s, s), "ori_shape": (s, s),
                                          "scale_factor": (1.0, 1.0), "content_box": self.content[i]})
@@ -98,27 +108,21 @@ class DetectionSamples(Dataset):
         return {"inputs": image, "data_samples": sample}
 
 
-class SegmentationSamples(Dataset):
+class SegmentationSamples(_Samples):
     """Rows as mmseg ``dict(inputs=uint8 [1, S, S], data_samples=SegDataSample)`` with 0/1 labels."""
 
     def __init__(self, data: Any, rows: np.ndarray, size: int) -> None:
         from mmseg.structures import SegDataSample  # noqa: F401  (fail early without mmseg)
 
-        _check_square(data, size)
-        self.data, self.rows, self.size = data, np.asarray(rows, dtype=np.int64), int(size)
+        super().__init__(data, rows, size)
         self.masks = np.stack([input_mask(data, r, self.size) for r in self.rows]) if len(self.rows) else \
-            np.zeros((0, size, size), np.uint8)
-        self.content = [content_box(data, r) for r in self.rows]
-
-    def __len__(self) -> int:
-        return len(self.rows)
+            np.zeros((0, self.size, self.size), np.uint8)
 
     def __getitem__(self, i: int) -> dict:
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
 
-        row = int(self.rows[i])
-        image = torch.from_numpy(np.array(self.data.images.array[row], dtype=np.uint8)).unsqueeze(0)
+        row, image = self._image(i)
         s = self.size
         sample = SegDataSample(metainfo={"img_id": row, "img_shape": (s, s), "ori_shape": (s, s),
                                          "pad_shape": (s, s), "content_box": self.content[i]})

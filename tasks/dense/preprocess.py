@@ -22,9 +22,13 @@ from tasks.dense.augment import random_theta, warp_boxes, warp_images, warp_mask
 
 
 class _Augmenting:
-    """Mixin: ``aug`` = dict(scale, rotate_deg, shift, p) or None; ``aug_seed`` from the run seed."""
+    """Mixin: ``aug`` = dict(scale, rotate_deg, shift, p) or None; ``aug_seed`` from the run seed.
 
-    def _init_aug(self, aug: dict | None, aug_seed: int) -> None:
+    In training, the images of a batch are warped by seeded random affines after the base class's
+    preprocessing, and each subclass warps its targets (boxes, masks) by the same affines."""
+
+    def __init__(self, *, aug: dict | None = None, aug_seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.aug = {k: float(v) for k, v in (aug or {}).items()} or None
         self.aug_seed = int(aug_seed)
         self.register_buffer("aug_step", torch.zeros((), dtype=torch.long))
@@ -34,39 +38,29 @@ class _Augmenting:
         self.aug_step += 1
         return random_theta(n, g, **self.aug)
 
-
-@MODELS.register_module()
-class AugmentedDetDataPreprocessor(_Augmenting, DetDataPreprocessor):
-    def __init__(self, *, aug: dict | None = None, aug_seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._init_aug(aug, aug_seed)
-
     def forward(self, data: dict, training: bool = False) -> dict:
         out = super().forward(data, training)
         if training and self.aug:
-            inputs, samples = out["inputs"], out["data_samples"]
+            inputs = out["inputs"]
             theta = self._draw(len(inputs))
             out["inputs"] = warp_images(inputs, theta)
-            h, w = inputs.shape[-2:]
-            for s, t in zip(samples, theta):
-                boxes, kept = warp_boxes(s.gt_instances.bboxes, t, h, w)
-                s.gt_instances = s.gt_instances[kept]
-                s.gt_instances.bboxes = boxes
+            for s, t in zip(out["data_samples"], theta):
+                self._warp_targets(s, t, *inputs.shape[-2:])
         return out
+
+    def _warp_targets(self, sample: Any, theta: torch.Tensor, h: int, w: int) -> None:
+        raise NotImplementedError
+
+
+@MODELS.register_module()
+class AugmentedDetDataPreprocessor(_Augmenting, DetDataPreprocessor):
+    def _warp_targets(self, sample: Any, theta: torch.Tensor, h: int, w: int) -> None:
+        boxes, kept = warp_boxes(sample.gt_instances.bboxes, theta, h, w)
+        sample.gt_instances = sample.gt_instances[kept]
+        sample.gt_instances.bboxes = boxes
 
 
 @MODELS.register_module()
 class AugmentedSegDataPreProcessor(_Augmenting, SegDataPreProcessor):
-    def __init__(self, *, aug: dict | None = None, aug_seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._init_aug(aug, aug_seed)
-
-    def forward(self, data: dict, training: bool = False) -> dict:
-        out = super().forward(data, training)
-        if training and self.aug:
-            inputs, samples = out["inputs"], out["data_samples"]
-            theta = self._draw(len(inputs))
-            out["inputs"] = warp_images(inputs, theta)
-            for s, t in zip(samples, theta):
-                s.gt_sem_seg.data = warp_masks(s.gt_sem_seg.data[None], t[None])[0]
-        return out
+    def _warp_targets(self, sample: Any, theta: torch.Tensor, h: int, w: int) -> None:
+        sample.gt_sem_seg.data = warp_masks(sample.gt_sem_seg.data[None], theta[None])[0]
