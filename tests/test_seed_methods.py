@@ -13,7 +13,6 @@ import torch
 
 import methods  # noqa: F401  (registers the methods)
 from bench.api import METHODS, Capability, RunSpec, resolve_options
-from bench.data.synth import corpus as corpus_mod
 from bench.errors import BenchError
 from bench.pretrain import PretrainConfig
 from methods import mgca, place, reclf, sista
@@ -28,13 +27,6 @@ CAPTIONS = [Caption([["mild", "patchy", "opacity"], ["in", "the", "left", "lower
             Caption([["no", "pneumothorax"], ["heart", "size", "is", "normal"], ["no", "effusion"]]),
             Caption([["moderate", "right", "pleural", "effusion"]]),
             Caption([["small", "left", "effusion"], ["mild", "edema"]])] * 2
-
-
-@pytest.fixture(scope="module")
-def micro_mimic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    corpus_mod.generate_corpus(root, "micro", 0, datasets=["mimic-cxr"], workers=1)
-    return root / corpus_mod.WRITERS["mimic_cxr"]
 
 
 @pytest.fixture(autouse=True)

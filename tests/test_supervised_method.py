@@ -12,17 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.api import METHODS
-from bench.data.synth import corpus as corpus_mod
 from bench.errors import CheckpointError
 from methods import supervised as sup
 from methods.backbones import file_sha256, state_fingerprint
-
-
-@pytest.fixture(scope="module")
-def micro_mimic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    corpus_mod.generate_corpus(root, "micro", 0, datasets=["mimic-cxr"], workers=1)
-    return root / corpus_mod.WRITERS["mimic_cxr"]
 
 
 @pytest.fixture(autouse=True)

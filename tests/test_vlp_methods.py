@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 
 import methods  # noqa: F401  (registers the methods)
 from bench.api import METHODS, Capability, RunSpec, resolve_options
-from bench.data.synth import corpus as corpus_mod
 from bench.errors import BenchError, CheckpointError
 from bench.pretrain import PretrainConfig
 from methods import convirt, gloria, mgca
@@ -27,13 +26,6 @@ from methods.vlp.pairs import mgca_caption
 from model_helpers import biases_before_batchnorm
 
 MODULES = {"convirt": convirt, "gloria": gloria, "mgca": mgca}
-
-
-@pytest.fixture(scope="module")
-def micro_mimic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    corpus_mod.generate_corpus(root, "micro", 0, datasets=["mimic-cxr"], workers=1)
-    return root / corpus_mod.WRITERS["mimic_cxr"]
 
 
 @pytest.fixture(autouse=True)
