@@ -28,12 +28,12 @@ def cache_dir() -> Path:
 
 
 def synth_root(scale: str | None = None, seed: int = 0) -> Path:
-    """Default location of the synthetic corpus of a given scale (default: the benchmark's
-    ``DEFAULT_SCALE``) and seed."""
+    """Default location of the synthetic corpus of a given scale (default: the one ``--data synth``
+    reads, ``default_scale()``) and seed."""
     if scale is None:
-        from bench.data.synth.corpus import DEFAULT_SCALE
+        from bench.data.synth.corpus import default_scale
 
-        scale = DEFAULT_SCALE
+        scale = default_scale()
     return cache_dir() / "synth" / f"{scale}-seed{seed}"
 
 

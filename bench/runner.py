@@ -42,16 +42,17 @@ def prepare_data(dataset: str, data: str, *, image_size: int, split_seed: int, s
     the next run in the same process: ``bench demo`` and ``bench check`` run many cells on one
     dataset, and re-reading its label files (9,600 DICOM headers for RSNA) took half of a linear
     probe's wall time."""
+    from bench.data.synth.corpus import default_scale
     from bench.paths import cache_dir
 
-    # keyed by the cache folder too: the drift check's fresh cache must not be served data prepared
-    # in another one earlier in the same process
-    return _prepare_data_memo(dataset, data, image_size, split_seed, skip_bad, str(cache_dir()))
+    # keyed by the cache folder and the synthetic scale too: the drift check's fresh cache and smaller
+    # corpus must not be served data prepared earlier in the same process
+    return _prepare_data_memo(dataset, data, image_size, split_seed, skip_bad, str(cache_dir()), default_scale())
 
 
 @functools.lru_cache(maxsize=2)   # two prepared datasets (image arrays of up to ~100 MB at 64 px)
 def _prepare_data_memo(dataset: str, data: str, image_size: int, split_seed: int, skip_bad: bool,
-                       cache: str) -> Any:
+                       cache: str, scale: str) -> Any:
     from bench.data.prepare import prepare_dataset
 
     return prepare_dataset(dataset, data, image_size=image_size, split_seed=split_seed, skip_bad=skip_bad)

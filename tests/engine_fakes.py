@@ -97,6 +97,9 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path) -> FakeWorld:
     monkeypatch.setenv("MEDVLP_BENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("MEDVLP_BENCH_CACHE", str(tmp_path / "cache"))
     w = FakeWorld()
+    # the real entries are registered first: a module first imported while the fakes stand in would
+    # register into the fakes' dict, and importing it again later registers nothing
+    runner.load_registries()
     # only the fakes are registered while the test runs (the real entries come back afterwards)
     monkeypatch.setattr(METHODS, "_items", {})
     monkeypatch.setattr(TASKS, "_items", {})

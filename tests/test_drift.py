@@ -131,6 +131,40 @@ def test_runs_use_a_fresh_cache_sharing_only_the_corpus(golden, world, monkeypat
     assert drift.check(fresh_cache=False).ok and seen == [str(tmp_path / "cache")] * 2
 
 
+def test_runs_read_the_check_corpus_scale_and_restore_the_default(golden, world, monkeypatch):
+    from bench import runner
+    from bench.data.synth.corpus import DEFAULT_SCALE, default_scale
+    from bench.paths import synth_root
+
+    seen = []
+    real_prepare = world.prepare
+
+    def spy(*a, **kw):
+        seen.append((default_scale(), synth_root().name))
+        return real_prepare(*a, **kw)
+
+    monkeypatch.setattr(runner, "prepare_data", spy)
+    assert drift.check().ok
+    assert seen == [(drift.CORPUS_SCALE, f"{drift.CORPUS_SCALE}-seed0")] * 2
+    assert drift.CORPUS_SCALE != DEFAULT_SCALE and default_scale() == DEFAULT_SCALE   # restored after the check
+
+
+def test_using_scale_nests_restores_and_refuses_unknown_scales():
+    from bench.data.synth.corpus import DEFAULT_SCALE, default_scale, using_scale
+
+    with using_scale("tiny"):
+        with using_scale("micro"):
+            assert default_scale() == "micro"
+        assert default_scale() == "tiny"
+        with pytest.raises(RuntimeError), using_scale("small"):
+            raise RuntimeError("a failing run inside the block")
+        assert default_scale() == "tiny"
+    assert default_scale() == DEFAULT_SCALE
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        with using_scale("huge"):
+            pass
+
+
 def test_isolated_cache_links_the_corpus(world, tmp_path):
     (tmp_path / "cache" / "synth" / "tiny-seed0").mkdir(parents=True)
     with drift.isolated_cache() as c:

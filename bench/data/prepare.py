@@ -129,9 +129,9 @@ def resolve_dataset(name: str, data: str | Path = "synth", *, scale: str | None 
     """
     spec = get_spec(name)
     if scale is None:
-        from bench.data.synth.corpus import DEFAULT_SCALE
+        from bench.data.synth.corpus import default_scale
 
-        scale = DEFAULT_SCALE
+        scale = default_scale()
     sroot = synth_root(scale, synth_seed)
     if str(data) == "synth" and generate:
         from bench.data.synth.corpus import DATASET_KEYS, ensure_corpus

@@ -53,11 +53,32 @@ SCALES = ("micro", "tiny", "small", "bench")
 #: encoders: test sets of ~1,000 images (95% CI half-widths <= 0.035) and >= 10 positive patients per
 #: main label in the 1% training subsets; ``micro``/``tiny``/``small`` are for tests and CI speed.
 DEFAULT_SCALE = "bench"
+#: Scales set by :func:`using_scale`, innermost last (the drift check's smaller corpus).
+_SCALE_STACK: list[str] = []
 CORPUS_FORMAT = 1
 MANIFEST_NAME = "corpus.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".dcm"}
 _TMP_MARK = ".tmp-"
 _LOCK_NAME = ".corpus.lock"
+
+
+def default_scale() -> str:
+    """The scale ``--data synth`` reads: :data:`DEFAULT_SCALE`, or the one :func:`using_scale` set."""
+    return _SCALE_STACK[-1] if _SCALE_STACK else DEFAULT_SCALE
+
+
+@contextlib.contextmanager
+def using_scale(scale: str):
+    """Within the block, ``--data synth`` reads the corpus of ``scale`` (every result records its
+    scale in ``data_source``). For the drift check, whose golden cells need a deterministic corpus,
+    not a large one: generating the benchmark corpus would take most of the CI budget."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    _SCALE_STACK.append(scale)
+    try:
+        yield scale
+    finally:
+        _SCALE_STACK.pop()
 
 
 def generator_version() -> str:

@@ -21,7 +21,7 @@ def ensure_synthetic_datasets(task_names: Iterable[str], *, pretraining: bool = 
     """Generate the datasets of ``task_names`` (and, with ``pretraining``, the pretraining corpus) in
     the default synthetic corpus; returns their names."""
     from bench.api import TASKS
-    from bench.data.synth.corpus import DATASET_KEYS, DEFAULT_SCALE, ensure_corpus
+    from bench.data.synth.corpus import DATASET_KEYS, default_scale, ensure_corpus
     from bench.paths import synth_root
     from bench.runner import load_registries
 
@@ -33,6 +33,7 @@ def ensure_synthetic_datasets(task_names: Iterable[str], *, pretraining: bool = 
     needed |= {PRETRAINING_DATASET} if pretraining else set()
     names = sorted(needed)
     t0 = time.perf_counter()
-    ensure_corpus(synth_root(DEFAULT_SCALE, 0), DEFAULT_SCALE, 0, datasets=names)
+    scale = default_scale()
+    ensure_corpus(synth_root(scale, 0), scale, 0, datasets=names)
     log.info("synthetic datasets %s ready in %.1f s", ", ".join(names), time.perf_counter() - t0)
     return names
