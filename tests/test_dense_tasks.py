@@ -33,6 +33,18 @@ def test_dense_tasks_are_registered_with_their_metrics():
     assert TASKS.get("rsna-seg").settings["paper"]["balance_negatives"] is False
 
 
+def test_object_cxr_reads_its_small_objects_at_128_px_at_the_tiny_preset_only():
+    for name in ("object-cxr-det", "object-cxr-det-retinanet"):
+        t, rsna = TASKS.get(name), TASKS.get(name.replace("object-cxr", "rsna"))
+        assert t.version == 2 and t.settings["tiny"]["image_size"] == 128 and rsna.settings["tiny"]["image_size"] == 64
+        assert t.settings["paper"] == rsna.settings["paper"]                        # MGCA's 224 px protocol
+        assert {k: v for k, v in t.settings["tiny"].items() if k != "image_size"} == \
+               {k: v for k, v in rsna.settings["tiny"].items() if k != "image_size"}
+        (budget,) = [d for d in t.anchor_differences if "tiny preset" in d]
+        assert "at 128 px" in budget and any("read at 128 px" in d and "foreign objects" in d
+                                             for d in t.anchor_differences)
+
+
 def test_paper_presets_keep_the_anchor_protocols():
     unet, upernet = TASKS.get("siim-seg").settings["paper"], TASKS.get("siim-seg-upernet").settings["paper"]
     assert (unet["image_size"], unet["lr"], unet["weight_decay"], unet["max_epochs"], unet["patience"]) == (224, 5e-4, 0.05, 50, 10)
