@@ -65,6 +65,7 @@ CCE_LOSSES = ("mse", "kl", "cosine")
 CCE_CONDITIONING = ("film", "none")
 
 OPTIONS = {
+    "global_head": seed.GLOBAL_HEAD_OPTION,
     "num_queries": MethodOption(16, "DD-PLACE-1: pathology query tokens Nq of the VPOE (V-PORs per image)"),
     "vpoe_type": MethodOption("decoder", "DD-PLACE-1: VPOE layer: decoder (query self-attention + cross-attention "
                                          "+ MLP) or cross_attn (cross-attention + MLP)"),

@@ -60,6 +60,7 @@ MATCHINGS = ("gloria", "mgca")
 LOCAL_LOSSES = ("info_nce", "hinge_hardest")
 
 OPTIONS = {
+    "global_head": seed.GLOBAL_HEAD_OPTION,
     "local_matching": MethodOption("gloria", "DD-RECLF-1: word->region attention of the local matchings: gloria "
                                              "(double softmax) or mgca (softmax at mgca_temperature)"),
     "gloria_temp1": MethodOption(4.0, "DD-RECLF-1: GLoRIA's region-softmax sharpening (local_matching=gloria)"),

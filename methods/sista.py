@@ -58,6 +58,7 @@ STA_DIRECTIONS = ("word_to_patch", "patch_to_word", "both")
 STA_SPARSIFIERS = ("threshold", "topk", "sparsemax", "learned_gate")
 
 OPTIONS = {
+    "global_head": seed.GLOBAL_HEAD_OPTION,
     "semantic_negatives": MethodOption(True, "DD-SISTA-1: SIA's false-negative handling (false: plain InfoNCE, "
                                              "every other report is a negative: the SIA ablation)"),
     "sia_mode": MethodOption("threshold", "DD-SISTA-1: threshold (FaNe-like positive mining) or soft "

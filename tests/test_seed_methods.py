@@ -132,7 +132,7 @@ def test_module_switches_that_keep_their_parameters():
 
 @pytest.mark.parametrize("name,bad", [("place", {"pcma_matching": "greedy"}), ("place", {"t_por_unit": "noun_phrase"}),
                                       ("reclf", {"local_matching": "scan"}), ("sista", {"sta_sparsifier": "dense"}),
-                                      ("reclf", {"sim_dim": 0})])
+                                      ("reclf", {"sim_dim": 0}), ("sista", {"global_head": "linear"})])
 def test_bad_option_values_are_refused_with_the_choices(name, bad, tokenizer):
     with pytest.raises(BenchError, match=f"{name}\\.{next(iter(bad))}"):
         _model(name, tokenizer, **bad)
@@ -183,6 +183,17 @@ def test_ablations_are_their_own_run_identity(micro_mimic):
         assert M.weights_dir(keys[0]) != M.weights_dir(keys[1])              # own cached pretraining
         assert keys[0]["config"] == M.weights_key(mgca.DEFINITION, "tiny", resolve_options(
             "mgca", mgca.DEFINITION.all_options(), {}), mimic)["config"]       # MGCA's recipe (DD-COMMON-1)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_global_heads_are_mlps_by_default_and_mgcas_on_request(name, tokenizer):
+    from methods.vlp.model import MGCAEmbedding, ProjectionMLP
+
+    default, mgca_heads = _model(name, tokenizer)[0], _model(name, tokenizer, global_head="mgca")[0]
+    for key in ("image_global", "text_global"):
+        assert type(default.heads[key]) is ProjectionMLP and type(mgca_heads.heads[key]) is MGCAEmbedding
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in default.heads[key].modules())
+    assert default.describe()["options"]["global_head"] == "mlp"
 
 
 def test_recipe_and_towers_follow_mgca(monkeypatch):
