@@ -186,14 +186,14 @@ def test_ablations_are_their_own_run_identity(micro_mimic):
 
 
 @pytest.mark.parametrize("name", list(MODULES))
-def test_global_heads_are_mlps_by_default_and_mgcas_on_request(name, tokenizer):
+def test_global_heads_are_mgcas_by_default_and_mlps_on_request(name, tokenizer):
     from methods.vlp.model import MGCAEmbedding, ProjectionMLP
 
-    default, mgca_heads = _model(name, tokenizer)[0], _model(name, tokenizer, global_head="mgca")[0]
+    default, mlp = _model(name, tokenizer)[0], _model(name, tokenizer, global_head="mlp")[0]
     for key in ("image_global", "text_global"):
-        assert type(default.heads[key]) is ProjectionMLP and type(mgca_heads.heads[key]) is MGCAEmbedding
-        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in default.heads[key].modules())
-    assert default.describe()["options"]["global_head"] == "mlp"
+        assert type(default.heads[key]) is MGCAEmbedding and type(mlp.heads[key]) is ProjectionMLP
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in mlp.heads[key].modules())
+    assert default.describe()["options"]["global_head"] == "mgca" and mlp.describe()["options"]["global_head"] == "mlp"
 
 
 def test_recipe_and_towers_follow_mgca(monkeypatch):
@@ -279,3 +279,20 @@ def test_pretraining_lowers_the_loss_and_gives_an_encoder(name, micro_mimic, cac
         zi, zt = enc.encode_image(x), enc.encode_text(["mild edema", "no effusion. heart normal"])
     assert f.pooled.shape == (2, enc.card.embed_dim) and zi.shape == zt.shape == (2, enc.card.joint_dim)
     assert torch.allclose(zt.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_the_global_head_option_keys_weights_only_when_switched():
+    """Added after the seed methods' weights were cached: at its default (the heads those weights have)
+    it stays out of the weights key, so they keep their identity; switched, it is keyed."""
+    class Mimic:
+        source = {"manifest_sha256": "m", "kind": "synthetic"}
+
+        class images:
+            fingerprint = "f"
+
+    for name, mod in MODULES.items():
+        d = mod.DEFINITION
+        default = M.weights_key(d, "tiny", resolve_options(name, d.all_options(), {}), Mimic())
+        mlp = M.weights_key(d, "tiny", resolve_options(name, d.all_options(), {"global_head": "mlp"}), Mimic())
+        assert "global_head" not in default["options"] and mlp["options"]["global_head"] == "mlp"
+        assert M.weights_dir(default) != M.weights_dir(mlp)
