@@ -95,6 +95,18 @@ def variant_label(r: Result) -> str:
     return label
 
 
+def variant_settings(r: Result) -> str:
+    """What a row label's ``#hash`` stands for, in the words a user types (``--set`` overrides, the
+    checkpoint, the split seed); empty for a default run."""
+    spec = r.spec
+    parts = [f"{k}={v}" for k, v in (spec.get("overrides") or [])]
+    if spec.get("checkpoint"):
+        parts.append(f"checkpoint {spec['checkpoint']}")
+    if spec.get("split_seed", 0):
+        parts.append(f"split seed {spec['split_seed']}")
+    return ", ".join(f"`{p}`" for p in parts)
+
+
 def _preset_key(p: str) -> tuple[int, str]:
     return (PRESETS.index(p) if p in PRESETS else len(PRESETS), p)
 
@@ -136,11 +148,11 @@ def frame(results: dict[Path, Result]) -> pd.DataFrame:
             "sizes": _sizes(r.details), "anchor": tuple(str(x) for x in r.task.get("anchor_differences", ())),
             "device": r.device.split(":")[0], "torch": r.packages.get("torch", "?"),
             "commit": str(r.git.get("commit", "unknown"))[:10], "dirty": bool(r.git.get("dirty")),
-            "path": str(path),
+            "path": str(path), "settings": variant_settings(r),
         })
     cols = ["kind", "preset", "task", "root", "root_tag", "variant", "method", "fraction", "seed", "value", "ci_lo",
             "ci_hi", "metric", "hib", "version", "family", "dataset", "requires", "caps", "sizes", "anchor",
-            "device", "torch", "commit", "dirty", "path"]
+            "device", "torch", "commit", "dirty", "path", "settings"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -226,6 +238,8 @@ class Section:
     tasks: list[TaskTable]
     commits: dict[str, int]
     dirty_runs: int
+    #: row label with an identity hash -> the settings it stands for, per task where they differ
+    settings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -291,7 +305,13 @@ def sections(df: pd.DataFrame, registered: dict[str, frozenset[str]] | None = No
             for root in roots:
                 tasks.append(_task_table(tdf[tdf["root"] == root], task, root, len(roots) > 1))
         commits = {str(c): int(n) for c, n in sorted(sdf["commit"].value_counts().items())}
-        out.append(Section(kind, preset, variants, caps, tasks, commits, int(sdf["dirty"].sum())))
+        settings: dict[str, list[str]] = {}
+        for v in sorted(set(sdf["variant"])):
+            if "#" in v:
+                vdf = sdf[sdf["variant"] == v]
+                by = sorted({(str(st), str(t)) for st, t in zip(vdf["settings"], vdf["task"])})
+                settings[v] = [f"{st} ({', '.join(t for s2, t in by if s2 == st)})" for st in sorted({b[0] for b in by})]
+        out.append(Section(kind, preset, variants, caps, tasks, commits, int(sdf["dirty"].sum()), settings))
     return out
 
 
@@ -608,6 +628,9 @@ def render(results: dict[Path, Result],
         dirty = (f"; {_plural(sec.dirty_runs, 'run')} from a tree with uncommitted changes"
                  if sec.dirty_runs else "")
         out += [f"Code: {commits}{dirty}.", ""]
+        if sec.settings:
+            out += ["Rows with a `#` hash (a variant of the method):", ""]
+            out += [f"- `{v}`: {'; '.join(items)}" for v, items in sec.settings.items()] + [""]
         for t in sec.tasks:
             name = plot_name(sec, t)
             plots[name] = render_plot(sec, t)

@@ -237,6 +237,10 @@ def test_variants_get_their_own_rows(tmp_path):
     md, _ = L.render(load_results(root))
     rows = [line for line in md.splitlines() if line.startswith("| `a")]
     assert len(rows) == 2 and any("`a #" in line and "0.900" in line for line in rows)
+    # the hash is explained: the legend names the settings it stands for, and the tasks run with them
+    label = next(line.split("`")[1] for line in rows if "`a #" in line)
+    assert f"- `{label}`: `lr=0.5` (t1)" in md.splitlines()
+    assert not any(line.startswith("- `a`:") for line in md.splitlines())      # a default run needs none
 
 
 def test_committed_leaderboard_matches_results(tmp_path):
