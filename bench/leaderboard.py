@@ -305,12 +305,9 @@ def sections(df: pd.DataFrame, registered: dict[str, frozenset[str]] | None = No
             for root in roots:
                 tasks.append(_task_table(tdf[tdf["root"] == root], task, root, len(roots) > 1))
         commits = {str(c): int(n) for c, n in sorted(sdf["commit"].value_counts().items())}
-        settings: dict[str, list[str]] = {}
-        for v in sorted(set(sdf["variant"])):
-            if "#" in v:
-                vdf = sdf[sdf["variant"] == v]
-                by = sorted({(str(st), str(t)) for st, t in zip(vdf["settings"], vdf["task"])})
-                settings[v] = [f"{st} ({', '.join(t for s2, t in by if s2 == st)})" for st in sorted({b[0] for b in by})]
+        hashed = sdf[sdf["variant"].str.contains("#", regex=False)]
+        settings = {v: [f"{st} ({', '.join(sorted(set(tasks_of)))})" for st, tasks_of in vdf.groupby("settings")["task"]]
+                    for v, vdf in hashed.groupby("variant")}
         out.append(Section(kind, preset, variants, caps, tasks, commits, int(sdf["dirty"].sum()), settings))
     return out
 

@@ -51,23 +51,23 @@ YOLO_SETTINGS: dict[str, dict[str, Any]] = {
 #: encoder found them (map_40_75 0.010 supervised vs 0.019 random at 100%). The tiny preset reads them
 #: at 128 px, a stride-8 grid of 16 x 16 (the paper preset keeps MGCA's 224).
 OBJECT_CXR_TINY_SIZE = 128
-OBJECT_CXR_YOLO_SETTINGS: dict[str, dict[str, Any]] = {
-    "paper": dict(YOLO_SETTINGS["paper"]),
-    "tiny": {**YOLO_SETTINGS["tiny"], "image_size": OBJECT_CXR_TINY_SIZE},
-}
+
+
+def _tiny_at(table: dict[str, dict[str, Any]], size: int) -> dict[str, dict[str, Any]]:
+    """``table`` with its tiny preset read at ``size`` px (the paper preset unchanged)."""
+    return {"paper": dict(table["paper"]), "tiny": {**table["tiny"], "image_size": int(size)}}
+
+
+OBJECT_CXR_YOLO_SETTINGS = _tiny_at(YOLO_SETTINGS, OBJECT_CXR_TINY_SIZE)
 
 RETINA_SETTINGS: dict[str, dict[str, Any]] = {
     "paper": {**YOLO_SETTINGS["paper"], "lr": 1e-4, "anchor_scale": 4.0, "score_thr": 0.05},
     "tiny": {**YOLO_SETTINGS["tiny"], "lr": 1e-3, "anchor_scale": 2.0, "score_thr": 0.05},
 }
-OBJECT_CXR_RETINA_SETTINGS: dict[str, dict[str, Any]] = {
-    "paper": dict(RETINA_SETTINGS["paper"]),
-    "tiny": {**RETINA_SETTINGS["tiny"], "image_size": OBJECT_CXR_TINY_SIZE},
-}
-for _table in (RETINA_SETTINGS, OBJECT_CXR_RETINA_SETTINGS):
-    for _s in _table.values():
-        for _k in ("loss_xy_wh", "ignore_iou"):
-            _s.pop(_k)
+for _s in RETINA_SETTINGS.values():
+    for _k in ("loss_xy_wh", "ignore_iou"):
+        _s.pop(_k)
+OBJECT_CXR_RETINA_SETTINGS = _tiny_at(RETINA_SETTINGS, OBJECT_CXR_TINY_SIZE)
 
 def _tiny_sentence(table: dict[str, dict[str, Any]], width: str) -> str:
     """The tiny preset's budget against the paper preset's, quoted from the settings themselves."""
@@ -100,19 +100,18 @@ _COMMON = (
     "MGCA: several seeds with 95% bootstrap CIs over patients, where MGCA reports one run.",
 )
 
-YOLO_DIFFERENCES = _COMMON + (
-    "MGCA: mmdet's YOLOv3 head and loss (binary cross-entropy on objectness over positives and negatives, grid "
-    "assigner), where MGCA's YOLOLoss weights the no-object confidence term 0.5.",
-    _tiny_sentence(YOLO_SETTINGS, "YOLOv3 width"),
-)
-
-RETINA_DIFFERENCES = _COMMON + (
-    "MGCA: MGCA has no RetinaNet; this variant puts mmdet's RetinaNet (FPN, focal loss) on the same frozen pyramid "
-    "with MGCA's data, optimiser and metrics.",
-    _tiny_sentence(RETINA_SETTINGS, "RetinaNet width"),
-)
+#: Per head: its own difference from MGCA and the name of its width in the tiny budget sentence.
+HEAD_DIFFERENCES = {
+    "yolov3": ("MGCA: mmdet's YOLOv3 head and loss (binary cross-entropy on objectness over positives and negatives, "
+               "grid assigner), where MGCA's YOLOLoss weights the no-object confidence term 0.5.", "YOLOv3 width"),
+    "retinanet": ("MGCA: MGCA has no RetinaNet; this variant puts mmdet's RetinaNet (FPN, focal loss) on the same "
+                  "frozen pyramid with MGCA's data, optimiser and metrics.", "RetinaNet width"),
+}
 
 OBJECT_CXR_DIFFERENCES = (
+    f"MGCA: on the CPU budget Object-CXR is read at {OBJECT_CXR_TINY_SIZE} px, where the other tiny dense tasks read "
+    "64 px: at 64 px most synthetic foreign objects (like the challenge's, a few % of the image side) are 2-4 px, "
+    "under one cell of the stride-8 grid, and no encoder found them.",
     "MGCA: Object-CXR boxes are the bounding boxes of the annotated shapes (as MGCA for rectangles and ellipses); "
     "polygons get their bounding box, where MGCA centres a box on the polygon's pole of inaccessibility.",
     "MGCA: FROC is added as the challenge scored it (box centres as predicted points); a point is inside an object "
@@ -120,38 +119,33 @@ OBJECT_CXR_DIFFERENCES = (
 )
 
 
-def _object_cxr(differences: tuple[str, ...], table: dict[str, dict[str, Any]], width: str) -> tuple[str, ...]:
-    """An Object-CXR variant's differences: the shared ones with its own tiny budget (128 px), plus
-    Object-CXR's own."""
-    tiny = _tiny_sentence(table, width)
-    return tuple(tiny if d.startswith("MGCA: the tiny preset trains") else d for d in differences) + (
-        "MGCA: on the CPU budget Object-CXR is read at 128 px, where the other tiny dense tasks read 64 px: at 64 px "
-        "most synthetic foreign objects (like the challenge's, a few % of the image side) are 2-4 px, under one "
-        "cell of the stride-8 grid, and no encoder found them.",) + OBJECT_CXR_DIFFERENCES
+def differences(head: str, table: dict[str, dict[str, Any]], object_cxr: bool) -> tuple[str, ...]:
+    """A variant's differences from MGCA: the shared ones, its head's, the tiny budget of the settings it
+    runs with, and Object-CXR's own."""
+    sentence, width = HEAD_DIFFERENCES[head]
+    return _COMMON + (sentence, _tiny_sentence(table, width)) + (OBJECT_CXR_DIFFERENCES if object_cxr else ())
 
 
 def _register() -> None:
     # version 2 of the Object-CXR tasks: their tiny preset reads 128 px (was 64)
     variants = (
-        ("rsna", "rsna-det", 1, "yolov3", False, YOLO_SETTINGS, YOLO_DIFFERENCES,
+        ("rsna", "rsna-det", 1, "yolov3", False, YOLO_SETTINGS,
          "RSNA pneumonia detection (MGCA protocol: frozen encoder, YOLOv3 on C3-C5)"),
         ("object-cxr", "object-cxr-det", 2, "yolov3", True, OBJECT_CXR_YOLO_SETTINGS,
-         _object_cxr(YOLO_DIFFERENCES, OBJECT_CXR_YOLO_SETTINGS, "YOLOv3 width"),
          "Object-CXR foreign-object detection (MGCA protocol: frozen encoder, YOLOv3 on C3-C5; FROC too)"),
-        ("rsna", "rsna-det-retinanet", 1, "retinanet", False, RETINA_SETTINGS, RETINA_DIFFERENCES,
+        ("rsna", "rsna-det-retinanet", 1, "retinanet", False, RETINA_SETTINGS,
          "RSNA pneumonia detection (frozen encoder, RetinaNet on the pyramid)"),
         ("object-cxr", "object-cxr-det-retinanet", 2, "retinanet", True, OBJECT_CXR_RETINA_SETTINGS,
-         _object_cxr(RETINA_DIFFERENCES, OBJECT_CXR_RETINA_SETTINGS, "RetinaNet width"),
          "Object-CXR foreign-object detection (frozen encoder, RetinaNet on the pyramid; FROC too)"),
     )
-    for dataset, name, version, head, froc, table, differences, title in variants:
+    for dataset, name, version, head, froc, table, title in variants:
         task = DenseTask(kind="det", head=head, froc=froc)
         TASKS.add(name, TaskEntry(
             name=name, family="detection", dataset=dataset, version=version, requires=REQUIRES,
             main_metric=MAIN_METRIC, higher_is_better=M.higher_is_better(MAIN_METRIC), protocols=(),
             run=partial(run_dense, task=task, settings_table=table, task_name=name),
             description=f"{title}; {MAIN_METRIC}",
-            settings={k: dict(v) for k, v in table.items()}, anchor_differences=differences))
+            settings={k: dict(v) for k, v in table.items()}, anchor_differences=differences(head, table, dataset == "object-cxr")))
 
 
 _register()

@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from bench.api import MethodOption
 from bench.errors import BenchError
 from methods.vlp import text as T
 from methods.vlp.method import VLPRecipe
-from bench.api import MethodOption
 from methods.vlp.model import MGCAEmbedding, ProjectionMLP, VLPModel, l2, project_tokens
 from methods.vlp.towers import ImageOutput
 
