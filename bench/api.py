@@ -119,9 +119,6 @@ class MethodOption:
     default: Any
     doc: str
     affects_weights: bool = True            # False: only where weights are read from (a directory)
-    #: False for an option added after weights were cached: at its default it stays out of the weights
-    #: key, so those weights (which it did not change) keep their identity
-    keyed_at_default: bool = True
 
 
 def resolve_options(method: str, known: Mapping[str, MethodOption], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -186,14 +186,15 @@ def test_ablations_are_their_own_run_identity(micro_mimic):
 
 
 @pytest.mark.parametrize("name", list(MODULES))
-def test_global_heads_are_mgcas_by_default_and_mlps_on_request(name, tokenizer):
+def test_global_heads_are_mlps_by_default_and_mgcas_on_request(name, tokenizer):
     from methods.vlp.model import MGCAEmbedding, ProjectionMLP
 
-    default, mlp = _model(name, tokenizer)[0], _model(name, tokenizer, global_head="mlp")[0]
+    default, mgca_heads = _model(name, tokenizer)[0], _model(name, tokenizer, global_head="mgca")[0]
     for key in ("image_global", "text_global"):
-        assert type(default.heads[key]) is MGCAEmbedding and type(mlp.heads[key]) is ProjectionMLP
-        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in mlp.heads[key].modules())
-    assert default.describe()["options"]["global_head"] == "mgca" and mlp.describe()["options"]["global_head"] == "mlp"
+        assert type(default.heads[key]) is ProjectionMLP and type(mgca_heads.heads[key]) is MGCAEmbedding
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in default.heads[key].modules())
+    assert default.describe()["options"]["global_head"] == "mlp"
+    assert mgca_heads.describe()["options"]["global_head"] == "mgca"
 
 
 def test_recipe_and_towers_follow_mgca(monkeypatch):
@@ -281,9 +282,10 @@ def test_pretraining_lowers_the_loss_and_gives_an_encoder(name, micro_mimic, cac
     assert torch.allclose(zt.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
-def test_the_global_head_option_keys_weights_only_when_switched():
-    """Added after the seed methods' weights were cached: at its default (the heads those weights have)
-    it stays out of the weights key, so they keep their identity; switched, it is keyed."""
+def test_the_global_head_is_keyed_in_the_weights_at_every_value():
+    """The default moved from MGCA's heads to MLPs: MGCA-head pretrainings cached before (keyed without
+    the option) must never be read as the default, and the default is the same pretraining as asking
+    for ``global_head=mlp`` explicitly."""
     class Mimic:
         source = {"manifest_sha256": "m", "kind": "synthetic"}
 
@@ -292,7 +294,10 @@ def test_the_global_head_option_keys_weights_only_when_switched():
 
     for name, mod in MODULES.items():
         d = mod.DEFINITION
+        key = {head: M.weights_key(d, "tiny", resolve_options(name, d.all_options(), {"global_head": head}), Mimic())
+               for head in ("mlp", "mgca")}
         default = M.weights_key(d, "tiny", resolve_options(name, d.all_options(), {}), Mimic())
-        mlp = M.weights_key(d, "tiny", resolve_options(name, d.all_options(), {"global_head": "mlp"}), Mimic())
-        assert "global_head" not in default["options"] and mlp["options"]["global_head"] == "mlp"
-        assert M.weights_dir(default) != M.weights_dir(mlp)
+        assert default["options"]["global_head"] == "mlp" and key["mgca"]["options"]["global_head"] == "mgca"
+        assert M.weights_dir(default) == M.weights_dir(key["mlp"]) != M.weights_dir(key["mgca"])
+        unkeyed = {**key["mgca"], "options": {k: v for k, v in key["mgca"]["options"].items() if k != "global_head"}}
+        assert M.weights_dir(unkeyed) not in {M.weights_dir(default), M.weights_dir(key["mgca"])}

@@ -155,8 +155,7 @@ def paper_tokenizer(method: VLPMethod, options: Mapping[str, Any]) -> tuple[Any,
 def weights_key(method: VLPMethod, preset: str, options: Mapping[str, Any], mimic: Any) -> dict[str, Any]:
     r = method.recipe(preset, options)
     known = method.all_options()
-    keyed = {k: v for k, v in sorted(options.items()) if known[k].affects_weights
-             and (known[k].keyed_at_default or v != known[k].default)}
+    keyed = {k: v for k, v in sorted(options.items()) if known[k].affects_weights}
     return {"method": method.name, "recipe_version": method.recipe_version, "preset": preset, "options": keyed,
             "image": image_spec(preset, options).to_dict(), "text": method.text_spec(preset, options).to_dict(),
             "config": r.config.to_dict(), "aug_scale": list(r.aug_scale), "embed_dim": r.embed_dim,
