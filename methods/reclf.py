@@ -22,20 +22,31 @@ decision with an ID and a ``--set reclf.<key>`` option.
   SRM off).
 * **IRM** (importance-relation reasoning, DD-RECLF-3): SGRAF's attention filtration: a gate
   ``a_i = sigmoid(BN(wᵀ s_i))`` per matching, L1-normalised over the pair's real matchings (the weights
-  sum to one), ``s* = normalize(Σ a_i s_i)``; clinically important matchings should win over those of
-  function words. ``irm = false`` replaces it by the uniform mean (the "simple pooling" RECLF
-  replaces). SRM and IRM are chained (SRM -> IRM). The relation-enhanced local score is
-  ``S_loc = sigmoid(FC(s*))``.
+  sum to one); clinically important matchings should win over those of function words. ``irm = false``
+  replaces it by the uniform mean (the "simple pooling" RECLF replaces; with ``weighted_cosine`` the
+  matching vectors and the SRM then feed nothing and are not built). SRM and IRM are chained
+  (SRM -> IRM). The relation-enhanced local score (``local_score``): ``sgraf`` (default), SGRAF's
+  read-out ``S_loc = sigmoid(FC(normalize(Σ_i a_i s_i)))``; or ``weighted_cosine``,
+  ``S_loc = Σ_i a_i cos(ĉ_i, ŵ_i)``, the matchings' own similarities (the global node's is
+  ``cos(v, t)``) weighed by the importances the relation modules infer, GLoRIA-like, offered because
+  SGRAF's read-out must learn from scratch to read a similarity from the direction of
+  ``normalize(W (ĉ - ŵ)²)``, which discards the magnitude that carries it (``||ĉ - ŵ||² = 2 - 2 cos``).
+  Measured on the synthetic default (exploration runs, seed 0, random negatives), ``weighted_cosine``
+  probed worse (``rsna-cls`` 10% 0.502 against 0.554, ``chexpert-cls`` 10% 0.587 against 0.612), so
+  SGRAF's stays.
 * **Objective** (DD-RECLF-4): MGCA's global InfoNCE (τ 0.07) plus a contrast of ``S_loc``: symmetric
   InfoNCE at ``local_temperature`` (``local_loss = info_nce``) or SGRAF's hardest-negative hinge
   (``hinge_hardest``, ``hinge_margin``), each image against candidate reports and each report
   against candidate images. ``local_candidates = null``: every pair of the batch (the design as
   first written, B² relation-module runs); the default, ``local_candidates = 5``: the own pair plus
-  the 5 hardest negatives of each anchor by global similarity (2·B·6 runs), as ALBEF picks hard
-  negatives for its matching head: an InfoNCE gradient is dominated by its hardest negatives, and
-  every pair of a batch of 64 costs ~10x MGCA's step on CPU (``bench perf pretrain``) where the
-  candidates cost under 2x.
-
+  5 negatives per anchor (2·B·6 runs): every pair of a batch of 64 costs ~10x MGCA's step on CPU
+  (``bench perf pretrain``) where the candidates cost under 2x. Which negatives
+  (``local_negatives``): ``random`` (default), drawn uniformly from the batch, or ``hardest``, the
+  closest in the global space, as ALBEF picks hard negatives for its matching head. Hardest negatives
+  failed on the synthetic default: with them the local contrast stayed at chance (ln 6) and the
+  global embedding collapsed (training loss pinned at ln 64 from epoch 3), while with random ones
+  both terms learn (README; why was not isolated further). Identical reports are never negatives
+  (ranked last either way).
 Cost: the relation modules run as one batched computation over the pairs (no loop over reports):
 O(P·L·sim_dim²) for the projections and O(P·L²·sim_dim) for the graph, P the pairs and L the longest
 report's word count in the batch (padding slots beyond it are dropped). ``srm_edge_bias = radgraph``
@@ -58,6 +69,8 @@ from methods.vlp.model import l2
 NAME = "reclf"
 MATCHINGS = ("gloria", "mgca")
 LOCAL_LOSSES = ("info_nce", "hinge_hardest")
+LOCAL_SCORES = ("weighted_cosine", "sgraf")
+LOCAL_NEGATIVES = ("random", "hardest")
 
 OPTIONS = {
     "global_head": seed.GLOBAL_HEAD_OPTION,
@@ -75,13 +88,19 @@ OPTIONS = {
                                        "into the IRM each node must keep its own matching: without the residual the "
                                        "near-uniform initial edges make every node of a pair the same)"),
     "irm": MethodOption(True, "DD-RECLF-3: importance gate over matchings (false: uniform mean pooling)"),
-    "local_candidates": MethodOption(5, "DD-RECLF-4: hard negatives per anchor in the local contrast: each image is "
-                                        "scored against its own report and the N reports closest to it in the "
-                                        "global space (each report likewise against N images), 2·B·(N+1) "
-                                        "relation-module runs; null: every pair of the batch (B² runs)"),
+    "local_score": MethodOption("sgraf", "DD-RECLF-3: the relation-enhanced local score S_loc: sgraf "
+                                         "(sigmoid(FC(normalize(Σ a_i s_i))), SGRAF's read-out) or weighted_cosine "
+                                         "(Σ a_i cos(ĉ_i, ŵ_i), the matchings' similarities weighed by the IRM)"),
+    "local_candidates": MethodOption(5, "DD-RECLF-4: negatives per anchor in the local contrast: each image is "
+                                        "scored against its own report and N others (local_negatives says which; "
+                                        "each report likewise against N images), 2·B·(N+1) relation-module runs; "
+                                        "null: every pair of the batch (B² runs)"),
+    "local_negatives": MethodOption("random", "DD-RECLF-4: which local_candidates negatives: random (drawn "
+                                              "uniformly from the batch) or hardest (closest in the global space; "
+                                              "collapsed the global embedding at the tiny recipe)"),
     "local_loss": MethodOption("info_nce", "DD-RECLF-4: contrast of the relation-enhanced scores: info_nce or "
                                            "hinge_hardest (SGRAF's)"),
-    "local_temperature": MethodOption(0.1, "DD-RECLF-4: temperature of the local InfoNCE on S_loc in (0, 1)"),
+    "local_temperature": MethodOption(0.1, "DD-RECLF-4: temperature of the local InfoNCE on S_loc"),
     "hinge_margin": MethodOption(0.2, "DD-RECLF-4: margin of local_loss=hinge_hardest (SGRAF's)"),
     "temperature": MethodOption(0.07, "DD-COMMON-1: temperature of the global InfoNCE (MGCA's)"),
     "lambda_global": MethodOption(1.0, "DD-RECLF-4: weight of the global loss (0 turns it off)"),
@@ -116,19 +135,24 @@ class RelationReasoner(nn.Module):
 
     ``forward(context [..., W, E], words [..., W, E], word_mask [..., W], img [..., E], txt [..., E])``,
     all broadcastable over the leading pair dims ``...`` (``[Bi, Bt]`` for every pair, ``[P]`` for a
-    gathered list), returns ``(scores [...] in (0, 1), weights [..., L], node_mask [..., L])`` with L = W
-    (+1 for the global node, first): ``weights`` are the IRM importances, summing to one over each
-    pair's real matchings."""
+    gathered list), returns ``(scores [...], weights [..., L], node_mask [..., L])`` with L = W (+1 for
+    the global node, first): scores in [-1, 1] (``weighted_cosine``) or (0, 1) (``sgraf``); ``weights``
+    are the IRM importances, summing to one over each pair's real matchings."""
 
     def __init__(self, dim: int, sim_dim: int, *, steps: int, global_node: bool, irm: bool,
-                 residual: bool = True) -> None:
+                 residual: bool = True, score: str = "sgraf") -> None:
         super().__init__()
-        self.local = nn.Linear(dim, sim_dim)
-        self.global_ = nn.Linear(dim, sim_dim) if global_node else None
-        self.srm = nn.ModuleList(GraphStep(sim_dim, residual=residual) for _ in range(steps))
+        if score not in LOCAL_SCORES:
+            raise ValueError(f"score must be one of {', '.join(LOCAL_SCORES)}, got {score!r}")
+        # with the uniform mean and the cosine score, the matching vectors would feed nothing: not built
+        uses_nodes = irm or score == "sgraf"
+        self.global_node = global_node
+        self.local = nn.Linear(dim, sim_dim) if uses_nodes else None
+        self.global_ = nn.Linear(dim, sim_dim) if global_node and uses_nodes else None
+        self.srm = nn.ModuleList(GraphStep(sim_dim, residual=residual) for _ in range(steps if uses_nodes else 0))
         self.gate = nn.Linear(sim_dim, 1, bias=False) if irm else None   # a bias would be cancelled by the BN
         self.gate_bn = nn.BatchNorm1d(1) if irm else None
-        self.score = nn.Linear(sim_dim, 1)
+        self.score = nn.Linear(sim_dim, 1) if score == "sgraf" else None
         # SGRAF's initialisation: Xavier-uniform weights, zero biases. It matters: the squared differences
         # of unit vectors are ~1/E per entry, so a default-initialised bias would swamp W (ĉ - ŵ)² and every
         # matching vector would start as the same direction, normalize(b).
@@ -138,11 +162,11 @@ class RelationReasoner(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def importance(self, nodes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def importance(self, nodes: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         """IRM weights ``[..., L]``: ``l1norm(sigmoid(BN(wᵀ s)))`` over real nodes (BN statistics over
         the real matchings of the whole batch); uniform over real nodes without the IRM."""
         if self.gate is None:
-            w = mask.to(nodes.dtype)
+            w = mask.float()
         else:
             logits = self.gate(nodes).squeeze(-1).float()
             flat = self.gate_bn(logits[mask].unsqueeze(-1)).squeeze(-1).float()
@@ -150,17 +174,26 @@ class RelationReasoner(nn.Module):
         return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def forward(self, context, words, word_mask, img, txt):
-        nodes = l2(self.local(SO.matching_vectors(context, words)))                   # [..., W, s]
-        lead = nodes.shape[:-2]
+        raw = SO.matching_vectors(context, words)                                     # [..., W, E]
+        cosines = 1 - 0.5 * raw.sum(-1)              # ||ĉ - ŵ||² = 2 - 2 cos(ĉ, ŵ) for unit vectors
+        lead = raw.shape[:-2]
         mask = word_mask.bool().expand(*lead, word_mask.shape[-1])
-        if self.global_ is not None:
-            g = l2(self.global_((img - txt).pow(2))).expand(*lead, nodes.shape[-1])  # [..., s]
-            nodes = torch.cat([g.unsqueeze(-2), nodes], dim=-2)
+        cosines = cosines.expand(*lead, cosines.shape[-1])
+        nodes = None if self.local is None else l2(self.local(raw))                 # [..., W, s]
+        if self.global_node:
+            if nodes is not None:
+                g = l2(self.global_((img - txt).pow(2))).expand(*lead, nodes.shape[-1])   # [..., s]
+                nodes = torch.cat([g.unsqueeze(-2), nodes], dim=-2)
             mask = torch.cat([torch.ones_like(mask[..., :1]), mask], dim=-1)
-        nodes = nodes * mask.unsqueeze(-1).to(nodes.dtype)
-        for step in self.srm:
-            nodes = step(nodes, mask)
+            g_cos = (l2(img) * l2(txt)).sum(-1).expand(*lead)
+            cosines = torch.cat([g_cos.unsqueeze(-1), cosines], dim=-1)
+        if nodes is not None:
+            nodes = nodes * mask.unsqueeze(-1).to(nodes.dtype)
+            for step in self.srm:
+                nodes = step(nodes, mask)
         weights = self.importance(nodes, mask)
+        if self.score is None:       # weighted_cosine: the matchings' own similarities, weighed by the IRM
+            return (weights * cosines.masked_fill(~mask, 0)).sum(-1), weights, mask
         pooled = l2((weights.unsqueeze(-1) * nodes).sum(-2))
         return torch.sigmoid(self.score(pooled)).squeeze(-1), weights, mask
 
@@ -174,16 +207,29 @@ class RECLFModel(seed.SeedModel):
             extra["relation"] = RelationReasoner(recipe.embed_dim, seed.positive(NAME, o, "sim_dim", int),
                                                  steps=seed.positive(NAME, o, "srm_steps", int, allow_zero=True),
                                                  global_node=bool(o["global_node"]), irm=bool(o["irm"]),
-                                                 residual=bool(o["srm_residual"]))
+                                                 residual=bool(o["srm_residual"]),
+                                                 score=seed.choice(NAME, o, "local_score", LOCAL_SCORES))
         super().__init__(image, text, recipe, options, local_image=bool(weights["lambda_local"]),
                          local_text=bool(weights["lambda_local"]), extra=extra)
         self.weights = weights
         self.matching = seed.choice(NAME, o, "local_matching", MATCHINGS)
         self.local_loss = seed.choice(NAME, o, "local_loss", LOCAL_LOSSES)
+        self.negatives = seed.choice(NAME, o, "local_negatives", LOCAL_NEGATIVES)
         self.temps = {k: seed.positive(NAME, o, k) for k in ("gloria_temp1", "mgca_temperature", "local_temperature",
                                                               "temperature")}
         self.margin = seed.positive(NAME, o, "hinge_margin", allow_zero=True)
-        self.candidates = None if o["local_candidates"] is None else seed.positive(NAME, o, "local_candidates", int)
+        self.candidates_per_anchor = (None if o["local_candidates"] is None
+                                      else seed.positive(NAME, o, "local_candidates", int))
+
+    def candidates(self, g_v: torch.Tensor, g_t: torch.Tensor,
+                   same_report: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate indices ``rows [B, k+1]`` (each image's own report, then k negatives) and ``cols``
+        (each report's own image, then k negatives) by ``local_negatives``; random draws come from the
+        global RNG, so a seeded run draws the same negatives."""
+        sim = g_v @ g_t.t()
+        if self.negatives == "random":      # the top k of i.i.d. uniform scores: k drawn without replacement
+            sim = torch.rand(sim.shape, device=sim.device)
+        return SO.hardest_candidates(sim, self.candidates_per_anchor, same_report)
 
     def local_scores(self, img, txt, g_v: torch.Tensor, g_t: torch.Tensor,
                      same_report: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,14 +240,14 @@ class RECLFModel(seed.SeedModel):
         words, mask = self.local_words(txt)
         kw = dict(kind=self.matching, temp1=self.temps["gloria_temp1"], temperature=self.temps["mgca_temperature"])
         b = regions.shape[0]
-        k = self.candidates
+        k = self.candidates_per_anchor
         if k is None or k + 1 >= b:         # every pair of the batch, one batched computation
             context = SO.matching_context(regions, words, mask, pairs="all", **kw)        # [B, B, W, E]
             scores, weights, node_mask = self.heads["relation"](context, words.unsqueeze(0), mask.unsqueeze(0),
                                                                 g_v.unsqueeze(1), g_t.unsqueeze(0))
             rows, cols = SO.candidates_from_matrix(scores)
             return rows, cols, weights, node_mask
-        rows_idx, cols_idx = SO.hardest_candidates(g_v @ g_t.t(), k, same_report)       # [B, k+1] each
+        rows_idx, cols_idx = self.candidates(g_v, g_t, same_report)                      # [B, k+1] each
         own = torch.arange(b, device=regions.device).repeat_interleave(rows_idx.shape[1])
         pi = torch.cat([own, cols_idx.flatten()])                                         # image of each pair
         pt = torch.cat([rows_idx.flatten(), own])                                         # report of each pair
@@ -237,5 +283,5 @@ METHODS.add(NAME, MethodEntry(
     name=NAME, factory=make_factory(DEFINITION), capabilities=CAPABILITIES, pretrain=make_pretrain(DEFINITION),
     options=DEFINITION.all_options(), objective=objective,
     description="RECLF: global + relation-enhanced local contrast (word-region matchings of each image with its "
-                "own and its hardest reports, semantic-relation graph reasoning, importance gate); MGCA's pipeline; "
+                "own and 5 other reports, semantic-relation graph reasoning, importance gate); MGCA's pipeline; "
                 "pretrained on first use on the synthetic corpus and cached; no released weights"))

@@ -77,6 +77,7 @@ def test_captions_keep_their_text_and_carry_sentence_ends():
 @pytest.mark.parametrize("name,options", [
     ("place", {}), ("place", {"pcma_matching": "optimal_transport", "cce_target": "features", "vpoe_type": "cross_attn"}),
     ("reclf", {}), ("reclf", {"local_candidates": None, "local_matching": "mgca", "local_loss": "hinge_hardest"}),
+    ("reclf", {"local_negatives": "hardest", "local_score": "weighted_cosine"}),
     ("sista", {}), ("sista", {"sta_sparsifier": "learned_gate", "sta_direction": "both", "sia_similarity": "own_text_stopgrad"}),
     ("place", {"image_arch": "vit"}),
 ])
@@ -125,9 +126,38 @@ def test_module_switches_that_keep_their_parameters():
         a, b = sia(x, t)["sia"], plain(x, t)["sia"]
     assert torch.allclose(b, O.mgca_ita(g_v, g_t), atol=1e-6)
     assert a < b                                                 # duplicated captions stop being negatives
-    bare, _, _ = _model("reclf", tok, srm_steps=0, irm=False)
+    bare, _, _ = _model("reclf", tok, srm_steps=0, irm=False, local_score="sgraf")
     names = [n for n, _ in bare.named_parameters() if n.startswith("heads.relation.")]
     assert not any(".srm." in n or ".gate" in n for n in names) and names
+    mean, _, _ = _model("reclf", tok, irm=False, local_score="weighted_cosine")   # the matchings' mean cosine
+    assert not any(n.startswith("heads.relation.") for n, _ in mean.named_parameters())
+
+
+@pytest.mark.parametrize("negatives", ["random", "hardest"])
+def test_reclf_local_negatives_skip_identical_reports_and_follow_the_seed(negatives, tokenizer):
+    model, _, tok = _model("reclf", tokenizer, local_negatives=negatives, local_candidates=3)
+    ids = tok.input_ids
+    same = (ids.unsqueeze(0) == ids.unsqueeze(1)).all(-1)                  # CAPTIONS repeats: i and i + 4
+    g = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        rows, cols = model.candidates(g, g.flip(0), same)
+        draws.append((rows, cols))
+        own = torch.arange(8)
+        assert torch.equal(rows[:, 0], own) and torch.equal(cols[:, 0], own) and rows.shape == (8, 4)
+        for idx in (rows, cols):
+            drawn = idx[:, 1:]
+            assert not bool(same[own.unsqueeze(1), drawn].any())            # never the own or an identical report
+            assert all(len(set(r.tolist())) == 3 for r in drawn)            # without replacement
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    if negatives == "hardest":
+        sim = (g @ g.flip(0).t()).masked_fill(same, -9)
+        assert torch.equal(rows[:, 1], sim.masked_fill(torch.eye(8, dtype=torch.bool), -9).argmax(1))
+    else:                                    # a uniform draw: over many draws every other report comes up
+        torch.manual_seed(6)
+        seen = torch.stack([model.candidates(g, g, same)[0][:, 1:] for _ in range(40)])
+        assert all(set(seen[:, i].flatten().tolist()) == set(range(8)) - {i, (i + 4) % 8} for i in range(8))
 
 
 @pytest.mark.parametrize("name,bad", [("place", {"pcma_matching": "greedy"}), ("place", {"t_por_unit": "noun_phrase"}),

@@ -414,9 +414,31 @@ def test_relation_module_weights_and_global_node():
 
 def test_irm_off_is_the_uniform_mean_and_srm_off_keeps_the_nodes():
     torch.manual_seed(0)
-    rel = RelationReasoner(16, 8, steps=0, global_node=False, irm=False)
+    rel = RelationReasoner(16, 8, steps=0, global_node=False, irm=False, score="sgraf")
     regions, words, mask, gv, gt = _content_word_batch()
     _, weights, _ = _relation_loss(rel, regions, words, mask, gv, gt)
     assert torch.allclose(weights[:, 2:], torch.full((8, 6, 6), 1 / 6))
     assert torch.allclose(weights[:, :2, :5], torch.full((8, 2, 5), 1 / 5)) and (weights[:, :2, 5] == 0).all()
     assert [n for n, _ in rel.named_parameters()] == ["local.weight", "local.bias", "score.weight", "score.bias"]
+
+
+def test_weighted_cosine_score_is_the_importance_weighted_matching_cosine():
+    regions, words, mask, gv, gt = _content_word_batch()
+    ctx = SO.matching_context(regions, words, mask, kind="mgca")                     # [8, 8, 6, 16]
+    cos = F.cosine_similarity(ctx, words.unsqueeze(0), dim=-1)                       # [image, report, word]
+    # without the IRM: the plain mean over real words, and nothing else is built (nothing it would feed)
+    plain = RelationReasoner(16, 8, steps=3, global_node=False, irm=False, score="weighted_cosine")
+    scores, weights, _ = plain(ctx, words.unsqueeze(0), mask.unsqueeze(0), gv.unsqueeze(1), gt.unsqueeze(0))
+    m = mask.unsqueeze(0).float()
+    assert torch.allclose(scores, (cos * m).sum(-1) / m.sum(-1), atol=1e-5)
+    assert list(plain.parameters()) == []
+    # with the IRM and the global node: Σ a_i cos_i, the global node's cosine first
+    torch.manual_seed(0)
+    rel = RelationReasoner(16, 8, steps=2, global_node=True, irm=True, score="weighted_cosine")
+    scores, weights, node_mask = rel(ctx, words.unsqueeze(0), mask.unsqueeze(0), gv.unsqueeze(1), gt.unsqueeze(0))
+    g_cos = gv @ gt.t()
+    full = torch.cat([g_cos.unsqueeze(-1), cos.masked_fill(~mask.unsqueeze(0), 0)], dim=-1)
+    assert torch.allclose(scores, (weights * full).sum(-1), atol=1e-5)
+    assert bool((scores.abs() <= 1 + 1e-5).all()) and "score" not in dict(rel.named_children())
+    with pytest.raises(ValueError, match="score must be one of"):
+        RelationReasoner(16, 8, steps=0, global_node=False, irm=True, score="mlp")

@@ -378,7 +378,7 @@ def reclf_objective(
     """RECLF's named loss terms (DD-RECLF-4): ``L = λ_g L_global + λ_l L_local_rel``.
 
     ``global``: MGCA's instance InfoNCE on the global embeddings (τ 0.07, mean of both directions).
-    ``local``: a contrast of the relation-enhanced local scores ``S_loc`` (in (0, 1), from the relation
+    ``local``: a contrast of the relation-enhanced local scores ``S_loc`` (bounded, from the relation
     module) given in candidate form: ``local_rows [B, C]`` the scores of image b with C candidate
     reports, its own report first; ``local_cols [B, C]`` of report b with C candidate images, its own
     image first (all B for every pair of the batch, :func:`candidates_from_matrix`; or the hardest
