@@ -44,9 +44,10 @@ decision with an ID and a ``--set reclf.<key>`` option.
   (``local_negatives``): ``random`` (default), drawn uniformly from the batch, or ``hardest``, the
   closest in the global space, as ALBEF picks hard negatives for its matching head. Hardest negatives
   failed on the synthetic default: with them the local contrast stayed at chance (ln 6) and the
-  global embedding collapsed (training loss pinned at ln 64 from epoch 3), while with random ones
+  global embedding collapsed (training loss at ln 64 from epoch 2 on), while with random ones
   both terms learn (README; why was not isolated further). Identical reports are never negatives
   (ranked last either way).
+
 Cost: the relation modules run as one batched computation over the pairs (no loop over reports):
 O(P·L·sim_dim²) for the projections and O(P·L²·sim_dim) for the graph, P the pairs and L the longest
 report's word count in the batch (padding slots beyond it are dropped). ``srm_edge_bias = radgraph``
