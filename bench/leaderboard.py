@@ -34,7 +34,7 @@ from tabulate import tabulate
 from bench import reference_numbers as ref
 from bench.api import PRESETS
 from bench.paths import leaderboard_dir, results_dir
-from bench.results import Result, ResultError, data_tag, load_results, variant_hash
+from bench.results import Result, ResultError, data_tag, load_results, variant_hash, variant_parts
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ def variant_label(r: Result) -> str:
 def variant_settings(r: Result) -> str:
     """What a row label's ``#hash`` stands for, in the words a user types (``--set`` overrides, the
     checkpoint, the split seed); empty for a default run."""
-    spec = r.spec
-    parts = [f"{k}={v}" for k, v in (spec.get("overrides") or [])]
-    if spec.get("checkpoint"):
-        parts.append(f"checkpoint {spec['checkpoint']}")
-    if spec.get("split_seed", 0):
-        parts.append(f"split seed {spec['split_seed']}")
+    v = variant_parts(r.spec)
+    parts = [f"{k}={val}" for k, val in v.get("overrides", [])]
+    if "checkpoint" in v:
+        parts.append(f"checkpoint {v['checkpoint']}")
+    if "split_seed" in v:
+        parts.append(f"split seed {v['split_seed']}")
     return ", ".join(f"`{p}`" for p in parts)
 
 

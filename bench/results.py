@@ -237,8 +237,9 @@ def data_tag(spec: RunSpec | Mapping[str, Any]) -> str | None:
     return hashlib.sha256(str(data).encode()).hexdigest()[:8]
 
 
-def variant_hash(spec: RunSpec | Mapping[str, Any]) -> str | None:
-    """8 hex digits identifying overrides / checkpoint / split seed; None when all are defaults."""
+def variant_parts(spec: RunSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """What sets a run apart from its method's default: the overrides, the checkpoint and the split
+    seed, each only where given (empty for a default run)."""
     d = spec.to_dict() if isinstance(spec, RunSpec) else dict(spec)
     parts: dict[str, Any] = {}
     if d.get("overrides"):
@@ -247,6 +248,12 @@ def variant_hash(spec: RunSpec | Mapping[str, Any]) -> str | None:
         parts["checkpoint"] = str(d["checkpoint"])
     if d.get("split_seed", 0):
         parts["split_seed"] = int(d["split_seed"])
+    return parts
+
+
+def variant_hash(spec: RunSpec | Mapping[str, Any]) -> str | None:
+    """8 hex digits identifying :func:`variant_parts`; None when all are defaults."""
+    parts = variant_parts(spec)
     if not parts:
         return None
     return hashlib.sha256(json.dumps(to_jsonable(parts), sort_keys=True).encode()).hexdigest()[:8]
@@ -455,5 +462,5 @@ __all__ = [
     "FLOAT_DIGITS", "GOLDEN_DIRNAME", "atomic_write", "PREDICTIONS_SUFFIX", "Result", "ResultError", "SCHEMA_VERSION",
     "data_label", "data_tag", "dumps", "find_existing", "load_result", "load_results", "predictions_path",
     "read_predictions", "result_files", "result_path", "run_stem", "sha256_file", "stale_reason",
-    "to_jsonable", "variant_hash", "write_result",
+    "to_jsonable", "variant_hash", "variant_parts", "write_result",
 ]

@@ -176,25 +176,27 @@ class RelationReasoner(nn.Module):
 
     def forward(self, context, words, word_mask, img, txt):
         raw = SO.matching_vectors(context, words)                                     # [..., W, E]
-        cosines = 1 - 0.5 * raw.sum(-1)              # ||ĉ - ŵ||² = 2 - 2 cos(ĉ, ŵ) for unit vectors
         lead = raw.shape[:-2]
-        mask = word_mask.bool().expand(*lead, word_mask.shape[-1])
-        cosines = cosines.expand(*lead, cosines.shape[-1])
+        word_mask = word_mask.bool().expand(*lead, word_mask.shape[-1])
+        mask = word_mask
         nodes = None if self.local is None else l2(self.local(raw))                 # [..., W, s]
         if self.global_node:
             if nodes is not None:
                 g = l2(self.global_((img - txt).pow(2))).expand(*lead, nodes.shape[-1])   # [..., s]
                 nodes = torch.cat([g.unsqueeze(-2), nodes], dim=-2)
             mask = torch.cat([torch.ones_like(mask[..., :1]), mask], dim=-1)
-            g_cos = (l2(img) * l2(txt)).sum(-1).expand(*lead)
-            cosines = torch.cat([g_cos.unsqueeze(-1), cosines], dim=-1)
         if nodes is not None:
             nodes = nodes * mask.unsqueeze(-1).to(nodes.dtype)
             for step in self.srm:
                 nodes = step(nodes, mask)
         weights = self.importance(nodes, mask)
         if self.score is None:       # weighted_cosine: the matchings' own similarities, weighed by the IRM
-            return (weights * cosines.masked_fill(~mask, 0)).sum(-1), weights, mask
+            # ||ĉ - ŵ||² = 2 - 2 cos(ĉ, ŵ) for unit vectors
+            cosines = (1 - 0.5 * raw.sum(-1)).expand(*lead, raw.shape[-2])
+            cosines = cosines.masked_fill(~word_mask, 0)
+            if self.global_node:
+                cosines = torch.cat([(l2(img) * l2(txt)).sum(-1).expand(*lead).unsqueeze(-1), cosines], dim=-1)
+            return (weights * cosines).sum(-1), weights, mask
         pooled = l2((weights.unsqueeze(-1) * nodes).sum(-2))
         return torch.sigmoid(self.score(pooled)).squeeze(-1), weights, mask
 

@@ -5,9 +5,10 @@ None of the three released code, so they are built on MGCA's public pipeline
 (:func:`methods.vlp.method.image_spec`, :func:`methods.mgca.text_spec`), MGCA's local projection heads
 (:class:`methods.vlp.model.MGCAEmbedding` on the local tokens and the words; the global heads on the
 pooled image feature and the text [CLS] are ConVIRT's MLPs by default, ``global_head``, see below),
-128-d joint space, and MGCA's optimisation: :func:`recipe` *calls* :func:`methods.mgca.recipe`, so when MGCA's recipe is tuned the three follow. Each method adds its
-own modules and loss terms on top; a global instance InfoNCE is kept (DD-COMMON-1), or replaced by
-SISTA's false-negative-aware version of it.
+128-d joint space, and MGCA's optimisation: :func:`recipe` *calls* :func:`methods.mgca.recipe`, so
+when MGCA's recipe is tuned the three follow. Each method adds its own modules and loss terms on
+top; a global instance InfoNCE is kept (DD-COMMON-1), or replaced by SISTA's false-negative-aware
+version of it.
 
 ``global_head`` (DD-COMMON-1): one-hidden-layer MLP global heads (``mlp``, ConVIRT's
 :class:`methods.vlp.model.ProjectionMLP`, the default) or MGCA's Linear-BN-ReLU-Linear-BN(affine=False)
