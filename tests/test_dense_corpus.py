@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bench.data.synth import corpus as corpus_mod
-from bench.data.synth import write_object_cxr, write_siim
+from bench.data.synth import write_object_cxr, write_rsna, write_siim
 from test_cache_and_corpus import tree_digest
 
 
@@ -59,8 +59,11 @@ def test_a_grown_dataset_is_regenerated_alone(tmp_path, sized_writers):
     assert calls == []
 
 
-def test_the_dense_datasets_declare_their_sizes():
+def test_the_grown_datasets_declare_their_sizes():
+    # a dataset grown after corpora were cached must say so, or the cached, smaller copy is read on
     assert write_siim.n_cases("bench") == 4000 and write_object_cxr.n_cases("bench") == 3000
+    assert write_rsna.n_cases("bench") == 26684     # the real stage-2 training set: MGCA's 4,003 test patients
     for scale in corpus_mod.SCALES:
         assert write_siim.n_cases(scale) == write_siim.SCALES[scale][0]
         assert write_object_cxr.n_cases(scale) == sum(write_object_cxr.SCALES[scale][:2])
+        assert write_rsna.n_cases(scale) == write_rsna.SCALES[scale][0]
