@@ -149,11 +149,45 @@ def frame(results: dict[Path, Result]) -> pd.DataFrame:
             "device": r.device.split(":")[0], "torch": r.packages.get("torch", "?"),
             "commit": str(r.git.get("commit", "unknown"))[:10], "dirty": bool(r.git.get("dirty")),
             "path": str(path), "settings": variant_settings(r),
+            "split_seed": r.data_source.get("split_seed"), "data_version": data_version(r),
         })
     cols = ["kind", "preset", "task", "root", "root_tag", "variant", "method", "fraction", "seed", "value", "ci_lo",
             "ci_hi", "metric", "hib", "version", "family", "dataset", "requires", "caps", "sizes", "anchor",
-            "device", "torch", "commit", "dirty", "path", "settings"]
+            "device", "torch", "commit", "dirty", "path", "settings", "split_seed", "data_version"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def data_version(r: Result) -> str:
+    """What a result says of the data it was scored on, beyond its root: the split manifest's hash
+    (which rows, in which split) and, for synthetic data, the generator and dataset versions
+    (which pixels). Empty when the result records none of them."""
+    src = dict(r.data_source)
+    if src.get("kind") == "synthetic" and src.get("generator_version"):
+        src.setdefault("dataset_version", 1)     # recorded since per-dataset versions; 1 before them
+    parts = [str(src.get(k)) for k in ("manifest_sha256", "generator_version", "dataset_version") if src.get(k)]
+    return "/".join(parts)
+
+
+#: Results of one table (and split seed) must come from the same data.
+SAME_DATA = ["kind", "preset", "task", "root", "split_seed"]
+
+
+def check_same_data(df: pd.DataFrame) -> None:
+    """Refuse a table whose results were scored on different versions of its data (a synthetic
+    dataset regenerated larger, or a real copy re-split after a file changed, with some results left
+    from before): pooled into one table they would compare methods across test sets."""
+    lines = []
+    for key, g in df[df["data_version"] != ""].groupby(SAME_DATA, sort=True, dropna=False):
+        versions = g.groupby("data_version")["path"].agg(sorted)
+        if len(versions) < 2:
+            continue
+        where = "; ".join(f"{v[:24]}...: {len(paths)} file(s) ({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})"
+                          for v, paths in versions.items())
+        lines.append(f"{dict(zip(SAME_DATA, key))}: {where}")
+    if lines:
+        raise ResultError(f"{len(lines)} table(s) hold results scored on different versions of their data "
+                          "(split manifest or synthetic generator); re-run the stale results (or move them "
+                          "away) so each table compares methods on one test set:\n  " + "\n  ".join(lines))
 
 
 #: What makes two result files the same run in a table cell; a second file for one identity would
@@ -285,6 +319,7 @@ def sections(df: pd.DataFrame, registered: dict[str, frozenset[str]] | None = No
     if df.empty:
         return out
     check_unique(df)
+    check_same_data(df)
     keys = sorted({(k, p) for k, p in zip(df["kind"], df["preset"])},
                   key=lambda kp: (_kind_key(kp[0]), _preset_key(kp[1])))
     for kind, preset in keys:

@@ -519,6 +519,16 @@ def test_micro_corpus_is_deterministic_and_reused(micro_corpus, tmp_path):
     assert (root / "corpus.json").stat().st_mtime_ns == before
 
 
+def test_synthetic_data_records_its_generator_and_dataset_versions(micro_corpus):
+    """What the leaderboard reads to refuse pooling results of two versions of one dataset."""
+    from bench.data.prepare import prepare_dataset
+
+    root, meta = micro_corpus
+    prep = prepare_dataset("rsna", str(root / corpus_mod.WRITERS["rsna"]), image_size=16, workers=1, progress=False)
+    assert prep.source["kind"] == "synthetic" and prep.source["generator_version"] == corpus_mod.generator_version()
+    assert prep.source["dataset_version"] == meta["datasets"]["rsna"]["version"] == corpus_mod.dataset_version("rsna")
+
+
 @pytest.mark.parametrize("name", ALL_DATASETS)
 def test_data_commands_on_the_micro_corpus(micro_corpus, name, tmp_path, capsys):
     root, _ = micro_corpus

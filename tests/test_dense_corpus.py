@@ -59,6 +59,35 @@ def test_a_grown_dataset_is_regenerated_alone(tmp_path, sized_writers):
     assert calls == []
 
 
+def test_a_dataset_whose_version_is_bumped_is_regenerated_alone(tmp_path, sized_writers):
+    calls, _ = sized_writers
+    root = tmp_path / "corpus"
+    corpus_mod.generate_corpus(root, "micro", 3, workers=1)
+    meta = corpus_mod.read_corpus_manifest(root)
+    assert meta["datasets"]["fa"]["version"] == 1 == meta["datasets"]["fb"]["version"]   # no VERSION: 1
+    before = tree_digest(root)
+    # a corpus written before per-dataset versions records none: read as version 1, nothing redrawn
+    for entry in meta["datasets"].values():
+        del entry["version"]
+    (root / corpus_mod.MANIFEST_NAME).write_text(__import__("json").dumps(meta))
+    calls.clear()
+    corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
+    assert calls == []
+    sys.modules["bench.data.synth.write_fb"].VERSION = 2                                                     # fb's drawing changed
+    assert corpus_mod.resized_datasets(corpus_mod.read_corpus_manifest(root), "micro") == ["fb"]
+    corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
+    assert calls == ["fb"]
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if k.startswith("fa-root")} == \
+        {k: v for k, v in before.items() if k.startswith("fa-root")}
+    meta = corpus_mod.read_corpus_manifest(root)
+    assert meta["datasets"]["fb"]["version"] == 2 and meta["datasets"]["fa"].get("version", 1) == 1
+    assert meta["version"] == corpus_mod.generator_version()      # the corpus-wide version is unchanged
+    calls.clear()
+    corpus_mod.ensure_corpus(root, "micro", 3)
+    assert calls == []
+
+
 def test_the_grown_datasets_declare_their_sizes():
     # a dataset grown after corpora were cached must say so, or the cached, smaller copy is read on
     assert write_siim.n_cases("bench") == 4000 and write_object_cxr.n_cases("bench") == 3000

@@ -20,7 +20,7 @@ NONE = L.Registered()          # no registered methods: the hand-made results st
 def make(root: Path, method: str, task: str, fraction: float, seed: int, value: float | None, *,
          kind: str = "synthetic", preset: str = "tiny", caps=GLOBAL, requires=GLOBAL, hib: bool = True,
          ci: float | None = 0.05, metric: str = "auroc", version: int = 1, data: str | None = None,
-         sizes: dict | None = None, anchor: tuple[str, ...] = ()) -> Path:
+         sizes: dict | None = None, anchor: tuple[str, ...] = (), manifest: str = "abc") -> Path:
     data = data or ("synth" if kind == "synthetic" else "/data/real")
     spec = RunSpec(method=method, task=task, fraction=fraction, seed=seed, preset=preset, data=data)
     r = Result(
@@ -31,7 +31,7 @@ def make(root: Path, method: str, task: str, fraction: float, seed: int, value: 
         dataset="rsna", main_metric=metric, main_value=value,
         main_ci=None if ci is None or value is None else [value - ci, value + ci], higher_is_better=hib,
         metrics={metric: value}, ci={}, details={} if sizes is None else {"sizes": sizes},
-        data_source={"kind": kind, "root": "/x", "dataset": "rsna", "manifest_sha256": "abc"},
+        data_source={"kind": kind, "root": "/x", "dataset": "rsna", "manifest_sha256": manifest},
         method_card={"name": method, "capabilities": list(caps)}, checkpoint_sha256=None,
         weights_sha256="0" * 64, weights_origin="state-fingerprint", weights_file=None,
         git={"commit": "0123456789abcdef", "dirty": False}, packages={"torch": "2.x"}, device="cpu", host={},
@@ -353,6 +353,27 @@ def test_one_identity_in_two_files_is_an_error(results):
     with pytest.raises(ResultError, match="more than one result file") as e:
         L.render(load_results(results))
     assert str(path) in str(e.value) and str(copy) in str(e.value)
+
+
+def test_a_table_scored_on_two_versions_of_its_data_is_an_error(tmp_path):
+    """A dataset regenerated (or re-split) with some results left from before: one table would rank
+    methods measured on different test sets."""
+    root = tmp_path / "results"
+    make(root, "alpha", "rsna-cls", 0.1, 0, 0.7, manifest="old-manifest")
+    stale = make(root, "alpha", "rsna-cls", 0.1, 1, 0.7, manifest="old-manifest")
+    make(root, "beta", "rsna-cls", 0.1, 0, 0.6, manifest="new-manifest")
+    make(root, "beta", "covidx-cls", 0.1, 0, 0.6, manifest="other-dataset")   # another table: not compared
+    with pytest.raises(ResultError, match="different versions of their data") as e:
+        L.render(load_results(root))
+    message = str(e.value)
+    assert "rsna-cls" in message and "covidx-cls" not in message
+    assert "old-manifest" in message and "2 file(s)" in message and str(stale) in message
+    assert "new-manifest" in message and "1 file(s)" in message
+    for path in root.rglob("*.json"):
+        if "old-manifest" in path.read_text():
+            path.unlink()
+    md, _ = L.render(load_results(root))                   # once the stale results are gone it builds
+    assert "rsna-cls" in md
 
 
 def test_reference_section_says_which_columns_compare(tmp_path):

@@ -182,12 +182,14 @@ def prepare_dataset(name: str, data: str | Path = "synth", *, image_size: int, s
               "skipped": table.skipped_by_reason(), "skip_bad": bool(skip_bad),
               "split_seed": int(split_seed), "image_size": int(image_size), "image_cache": str(images.path)}
     if kind == "synthetic":
-        from bench.data.synth.corpus import corpus_of
+        from bench.data.synth.corpus import DATASET_KEYS, corpus_of
 
         found = corpus_of(root)
         meta = found[1] if found else {"scale": scale, "seed": synth_seed}
         scale, synth_seed = meta.get("scale", scale), int(meta.get("seed", synth_seed))
-        source.update(scale=scale, seed=synth_seed, generator_version=meta.get("version"))
+        entry = (meta.get("datasets") or {}).get(DATASET_KEYS.get(name, name)) or {}
+        source.update(scale=scale, seed=synth_seed, generator_version=meta.get("version"),
+                      dataset_version=int(entry.get("version", 1)))
     sizes = manifest.sizes()
     what = f"SYNTHETIC data (corpus {scale}, seed {synth_seed})" if kind == "synthetic" else "REAL data"
     skipped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in table.skipped_by_reason().items() if n)
