@@ -54,7 +54,7 @@ def _fmt(v: float | None) -> str:
 
 @dataclass
 class Comparison:
-    status: str          # "equal", "differs", "not committed"
+    status: str          # "equal", "differs", "not committed", "in place"
     detail: str = ""
 
 
@@ -64,6 +64,10 @@ def compare_with_committed(result, path: Path, demo_root: Path, committed_root: 
     from bench.drift import compare
     from bench.results import ResultError, load_result
 
+    if demo_root.resolve() == committed_root.resolve():
+        # a sweep into the committed results/ overwrites the file it would compare with: the
+        # comparison would always say "equal" (git diff shows what changed)
+        return Comparison("in place")
     committed = committed_root / path.relative_to(demo_root)
     if not committed.is_file():
         return Comparison("not committed")
@@ -108,7 +112,7 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
           f"{len(FRACTIONS)} fractions x {len(seeds)} seeds = {len(cells)} runs (SYNTHETIC data, preset tiny) "
           f"-> {results_root}", flush=True)
     counts = {"ran": 0, "reused": 0, "skipped": 0}
-    matches = {"equal": 0, "differs": 0, "not committed": 0}
+    matches = {"equal": 0, "differs": 0, "not committed": 0, "in place": 0}
     reasons: dict[str, str] = {}      # full message -> method, each distinct reason printed once
     width = len(str(len(cells)))
     for i, (t, m, f, s) in enumerate(cells, 1):
@@ -128,7 +132,9 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
         counts["reused" if skipped else "ran"] += 1
         cmp = compare_with_committed(result, path, results_root, committed_root)
         matches[cmp.status] += 1
-        note = {"equal": "= committed", "not committed": "no committed result"}.get(cmp.status, f"DIFFERS from committed: {cmp.detail}")
+        note = {"equal": "= committed", "not committed": "no committed result",
+                "in place": "written into the committed results"}.get(cmp.status,
+                                                                      f"DIFFERS from committed: {cmp.detail}")
         print(f"{head}: {result.main_metric} {_fmt(result.main_value)}{ci} ({state}; {note})", flush=True)
     for why, m in reasons.items():
         if "\n" in why:
@@ -137,6 +143,9 @@ def main(*, seeds: Sequence[int] = (0,), device: str = "auto", force: bool = Fal
     elapsed = time.perf_counter() - t0
     print(f"demo done in {elapsed:.1f} s: {counts['ran']} ran, {counts['reused']} reused, {counts['skipped']} skipped")
     compared = matches["equal"] + matches["differs"]
+    if matches["in place"]:
+        print(f"written into the committed results ({committed_root}), so not compared with them: "
+              "`git diff --stat` shows which changed")
     verdict = ("all equal to the committed results" if compared and not matches["differs"]
                else f"{matches['differs']} DIFFER from the committed results" if matches["differs"]
                else "none has a committed counterpart")

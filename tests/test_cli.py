@@ -165,6 +165,14 @@ def test_demo_runs_every_method_and_reports_skips(world, monkeypatch, capsys, tm
     assert demo.main(**kw) == 1
     assert "0 ran, 3 reused" in capsys.readouterr().out
 
+    # a sweep into the committed results themselves (how results/ is made) overwrites each file it would
+    # compare with: it says so instead of calling every changed cell "= committed"
+    world.offset = 0.02
+    assert demo.main(**dict(kw, results_root=tmp_path / "committed", force=True)) == 0
+    text = capsys.readouterr().out
+    assert text.count("written into the committed results") == 4 and "3 ran" in text
+    assert "= committed" not in text and "DIFFER" not in text
+
 
 def test_python_dash_m_help():
     out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
