@@ -186,7 +186,7 @@ def check_same_data(df: pd.DataFrame) -> None:
         lines.append(f"{dict(zip(SAME_DATA, key))}: {where}")
     if lines:
         raise ResultError(f"{len(lines)} table(s) hold results scored on different versions of their data "
-                          "(split manifest or synthetic generator); re-run the stale results (or move them "
+                          "(split manifest, generator or dataset version); re-run the stale results (or move them "
                           "away) so each table compares methods on one test set:\n  " + "\n  ".join(lines))
 
 

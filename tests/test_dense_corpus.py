@@ -2,6 +2,7 @@
 grown for the dense tasks; the other datasets' files and split manifests must not move)."""
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -69,11 +70,11 @@ def test_a_dataset_whose_version_is_bumped_is_regenerated_alone(tmp_path, sized_
     # a corpus written before per-dataset versions records none: read as version 1, nothing redrawn
     for entry in meta["datasets"].values():
         del entry["version"]
-    (root / corpus_mod.MANIFEST_NAME).write_text(__import__("json").dumps(meta))
+    (root / corpus_mod.MANIFEST_NAME).write_text(json.dumps(meta))
     calls.clear()
     corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
     assert calls == []
-    sys.modules["bench.data.synth.write_fb"].VERSION = 2                                                     # fb's drawing changed
+    sys.modules["bench.data.synth.write_fb"].VERSION = 2                  # fb's drawing changed
     assert corpus_mod.resized_datasets(corpus_mod.read_corpus_manifest(root), "micro") == ["fb"]
     corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
     assert calls == ["fb"]
