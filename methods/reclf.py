@@ -229,9 +229,10 @@ class RECLFModel(seed.SeedModel):
         """Candidate indices ``rows [B, k+1]`` (each image's own report, then k negatives) and ``cols``
         (each report's own image, then k negatives) by ``local_negatives``; random draws come from the
         global RNG, so a seeded run draws the same negatives."""
-        sim = g_v @ g_t.t()
         if self.negatives == "random":      # the top k of i.i.d. uniform scores: k drawn without replacement
-            sim = torch.rand(sim.shape, device=sim.device)
+            sim = torch.rand(g_v.shape[0], g_t.shape[0], device=g_v.device)
+        else:
+            sim = g_v @ g_t.t()
         return SO.hardest_candidates(sim, self.candidates_per_anchor, same_report)
 
     def local_scores(self, img, txt, g_v: torch.Tensor, g_t: torch.Tensor,

@@ -38,6 +38,21 @@ def sized_writers(monkeypatch):
     return calls, sizes
 
 
+def _fb_is_regenerated_alone(root: Path, calls: list, before: dict) -> dict:
+    """``fb`` is outdated: ``ensure_corpus`` redraws it alone (``fa`` keeps its bytes), then nothing more
+    on the next call; returns the corpus manifest."""
+    assert corpus_mod.outdated_datasets(corpus_mod.read_corpus_manifest(root), "micro") == ["fb"]
+    corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
+    assert calls == ["fb"]
+    after = tree_digest(root)
+    assert {k: v for k, v in after.items() if k.startswith("fa-root")} == \
+        {k: v for k, v in before.items() if k.startswith("fa-root")}
+    calls.clear()
+    corpus_mod.ensure_corpus(root, "micro", 3)
+    assert calls == []
+    return corpus_mod.read_corpus_manifest(root)
+
+
 def test_a_grown_dataset_is_regenerated_alone(tmp_path, sized_writers):
     calls, sizes = sized_writers
     root = tmp_path / "corpus"
@@ -46,18 +61,9 @@ def test_a_grown_dataset_is_regenerated_alone(tmp_path, sized_writers):
     calls.clear()
     assert corpus_mod.ensure_corpus(root, "micro", 3) == root.resolve() and calls == []   # nothing changed
     sizes["fb"] = 5                                                                     # fb grows
-    assert corpus_mod.resized_datasets(corpus_mod.read_corpus_manifest(root), "micro") == ["fb"]
-    corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
-    assert calls == ["fb"]
-    after = tree_digest(root)
-    assert {k: v for k, v in after.items() if k.startswith("fa-root")} == \
-        {k: v for k, v in before.items() if k.startswith("fa-root")}
+    meta = _fb_is_regenerated_alone(root, calls, before)
     assert len(list((root / "fb-root" / "imgs").iterdir())) == 5
-    meta = corpus_mod.read_corpus_manifest(root)
     assert meta["datasets"]["fb"]["cases"] == 5 and meta["datasets"]["fa"]["cases"] == 3
-    calls.clear()
-    corpus_mod.ensure_corpus(root, "micro", 3)
-    assert calls == []
 
 
 def test_a_dataset_whose_version_is_bumped_is_regenerated_alone(tmp_path, sized_writers):
@@ -75,18 +81,9 @@ def test_a_dataset_whose_version_is_bumped_is_regenerated_alone(tmp_path, sized_
     corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
     assert calls == []
     sys.modules["bench.data.synth.write_fb"].VERSION = 2                  # fb's drawing changed
-    assert corpus_mod.resized_datasets(corpus_mod.read_corpus_manifest(root), "micro") == ["fb"]
-    corpus_mod.ensure_corpus(root, "micro", 3, workers=1)
-    assert calls == ["fb"]
-    after = tree_digest(root)
-    assert {k: v for k, v in after.items() if k.startswith("fa-root")} == \
-        {k: v for k, v in before.items() if k.startswith("fa-root")}
-    meta = corpus_mod.read_corpus_manifest(root)
+    meta = _fb_is_regenerated_alone(root, calls, before)
     assert meta["datasets"]["fb"]["version"] == 2 and meta["datasets"]["fa"].get("version", 1) == 1
     assert meta["version"] == corpus_mod.generator_version()      # the corpus-wide version is unchanged
-    calls.clear()
-    corpus_mod.ensure_corpus(root, "micro", 3)
-    assert calls == []
 
 
 def test_the_grown_datasets_declare_their_sizes():

@@ -175,7 +175,7 @@ def expected_cases(key: str, scale: str) -> int | None:
     return None if n_cases is None else int(n_cases(scale))
 
 
-def resized_datasets(meta: dict, scale: str) -> list[str]:
+def outdated_datasets(meta: dict, scale: str) -> list[str]:
     """Writer keys whose recorded case count differs from what the writer now draws at ``scale``, or
     whose recorded version (1 when the corpus predates per-dataset versions) differs from the
     writer's :func:`dataset_version`: a dataset grown, shrunk or redrawn since the corpus was written.
@@ -255,19 +255,20 @@ def _same_corpus(meta: dict | None, scale: str, seed: int) -> bool:
 
 
 def _to_generate(root: Path, meta: dict | None, scale: str, seed: int, keys: list[str]) -> list[str]:
-    """Which of ``keys`` a corpus of this scale, seed and version lacks or holds at another size."""
+    """Which of ``keys`` a corpus of this scale, seed and version lacks or holds outdated (another
+    size or dataset version, :func:`outdated_datasets`)."""
     if not _same_corpus(meta, scale, seed):
         return list(keys)
     listed = meta.get("datasets", {}) if meta else {}
-    resized = set(resized_datasets({"datasets": {k: v for k, v in listed.items() if k in keys}}, scale))
-    return [k for k in keys if k not in listed or not (root / WRITERS[k]).is_dir() or k in resized]
+    outdated = set(outdated_datasets({"datasets": {k: v for k, v in listed.items() if k in keys}}, scale))
+    return [k for k in keys if k not in listed or not (root / WRITERS[k]).is_dir() or k in outdated]
 
 
 def ensure_corpus(root: str | Path, scale: str = "tiny", seed: int = 0, workers: int = 2,
                   datasets=None) -> Path:
     """Return ``root`` holding the datasets ``datasets`` (registry or writer keys; ``None``: all) of a
     corpus of this scale, seed and generator version, generating first what is absent, partial,
-    resized or of another corpus. Each dataset draws from its own random stream, so the datasets
+    resized, of another dataset version or of another corpus. Each dataset draws from its own random stream, so the datasets
     generated now are byte for byte those a full generation writes; a run generates only what it
     reads (``bench run --task rsna-cls`` on a fresh machine writes RSNA, not the other seven)."""
     if scale not in SCALES:
