@@ -1,5 +1,13 @@
 """Method ``random``: the preset's backbone with a seeded random initialisation (the floor of
-every table; MGCA's "Random" row). Normalisation 0.5/0.5 as in MGCA's pipelines."""
+every table; MGCA's "Random" row). Normalisation 0.5/0.5 as in MGCA's pipelines.
+
+The initialisation is torchvision's, as MGCA's and GLoRIA's ``resnet50(pretrained=False)``: He-normal
+convolutions and every residual branch active. timm zero-initialises the last BatchNorm of each
+residual block by default (``zero_init_last``), which makes every block an identity: the "random"
+encoder is then a 7x7 stem followed by strided 1x1 projections, a multi-scale copy of the pixels
+with an 11-pixel receptive field at every level, not a random deep network. That copy localised the
+synthetic pneumothoraces and foreign objects as well as trained encoders did (issue 9).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,11 +22,12 @@ CAPABILITIES = frozenset({Capability.IMAGE_GLOBAL, Capability.IMAGE_DENSE, Capab
 
 
 def build_encoder(preset: BackbonePreset, seed: int = 0) -> TimmEncoder:
-    """A randomly initialised timm backbone; the weights are a pure function of ``seed``."""
-    model = seeded_backbone(preset.arch, preset.out_indices, seed, **preset.kwargs)
+    """A randomly initialised timm backbone, residual branches active (torchvision's initialisation);
+    the weights are a pure function of ``seed``."""
+    model = seeded_backbone(preset.arch, preset.out_indices, seed, zero_init_last=False, **preset.kwargs)
     card = make_card(name=NAME, model=model, arch=preset.describe(), image_size=preset.image_size, weights_tag="random-init",
                      weights_sha256=None, mean=HALF_MEAN, std=HALF_STD, capabilities=CAPABILITIES,
-                     reference="random initialisation (timm defaults), seeded by the run seed")
+                     reference="random initialisation as torchvision's (residual branches active), seeded by the run seed")
     return TimmEncoder(card, model)
 
 

@@ -94,3 +94,23 @@ def test_the_grown_datasets_declare_their_sizes():
         assert write_siim.n_cases(scale) == write_siim.SCALES[scale][0]
         assert write_object_cxr.n_cases(scale) == sum(write_object_cxr.SCALES[scale][:2])
         assert write_rsna.n_cases(scale) == write_rsna.SCALES[scale][0]
+
+
+def test_object_cxr_annotates_only_objects_within_the_lung_field():
+    # the challenge annotated foreign objects "presented within the lung field" and excluded support
+    # devices: both are drawn, so an unannotated image can still hold a button over the mediastinum
+    assert write_object_cxr.VERSION >= 2
+    cases = write_object_cxr._draw(np.random.default_rng(3), 60, (192, 288))
+    annotated = [o for c in cases for o in write_object_cxr.objects(c)]
+    outside = [o for c in cases for o in write_object_cxr.drawn_objects(c) if o not in write_object_cxr.objects(c)]
+    assert annotated and all(o.lung_fraction >= write_object_cxr.IN_LUNG_FIELD for o in annotated)
+    assert len(outside) >= 10 and all(o.lung_fraction < write_object_cxr.IN_LUNG_FIELD for o in outside)
+    negatives = [c for c in cases[1:] if not write_object_cxr.objects(c)]
+    assert len(negatives) == 30
+    assert any(write_object_cxr.drawn_objects(c) for c in negatives)            # unannotated objects
+    assert all(write_object_cxr.annotation(c) == "" for c in negatives)
+    with_devices = [c for c in cases if any(l.finding == "support_devices" for l in c.lesions)]
+    assert with_devices                                                           # drawn, never annotated
+    for c in cases:
+        assert write_object_cxr.annotation(c).count(";") == len(write_object_cxr.objects(c)) - 1 \
+            if write_object_cxr.objects(c) else write_object_cxr.annotation(c) == ""

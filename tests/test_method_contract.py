@@ -206,6 +206,21 @@ def test_random_seeds_differ_and_leave_the_global_rng_alone(tmp_path):
     assert a.card.weights_sha256 is None and a.card.weights_tag == "random-init"
 
 
+def test_random_is_a_random_deep_network_not_an_identity_pyramid(tmp_path):
+    # MGCA's "Random" is torchvision's init, every residual branch active; timm's default zeroes the
+    # last BatchNorm of each block, leaving a 7x7 stem and strided 1x1 projections (an 11-px view)
+    from timm.models.resnet import BasicBlock
+
+    enc = build("random", "tiny", 0, tmp_path).eval()
+    blocks = [m for m in enc.model.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 8 and all(bool((b.bn2.weight != 0).all()) for b in blocks)
+    x = enc.prepare(uint8_batch(enc.card.image_size))
+    far = x.clone()
+    far[..., 24:32, 24:32] += 1.0                # 24+ px from the stride-32 cell at the origin
+    with torch.no_grad():
+        assert not torch.allclose(enc.model(x)[-1][..., 0, 0], enc.model(far)[-1][..., 0, 0])
+
+
 def test_random_refuses_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="takes no checkpoint"):
         METHODS.get("random").factory("tiny", tmp_path / "x.pth", 0)

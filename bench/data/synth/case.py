@@ -60,6 +60,9 @@ class Lesion:
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 (x2, y2 exclusive), integer pixels, inside image
     mask: np.ndarray               # bool [H, W], the exact pixels the lesion occupies
     shape: Shape | None = None     # annotation geometry where the official format stores shapes
+    #: share of the lesion's pixels inside the lung fields (set for foreign objects: Object-CXR
+    #: annotates only objects presented within the lung field)
+    lung_fraction: float | None = None
 
 
 @dataclass

@@ -823,7 +823,9 @@ def draw_foreign_object(rng, density, anatomy: Anatomy, plan: FindingPlan) -> li
         else:
             pattern = np.full(r.shape, 0.9)
         delta = (amp * np.broadcast_to(pattern, local.shape)).astype(np.float32)
-        lesions.append(_lesion("foreign_object", zone, _apply(density, delta, local, win.index), shape))
+        lesion = _lesion("foreign_object", zone, _apply(density, delta, local, win.index), shape)
+        lesion.lung_fraction = float((lesion.mask & anatomy.lung).sum() / max(int(lesion.mask.sum()), 1))
+        lesions.append(lesion)
     return lesions
 
 

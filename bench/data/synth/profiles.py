@@ -3,7 +3,9 @@
 Prevalences loosely follow the real datasets (see ``/work/shared/reference/datasets.md``):
 MIMIC-CXR and CheXpert are inpatient-heavy (many AP films, support devices, the five competition
 findings at 15-30%); RSNA has ~30% "Lung Opacity" (pneumonia) cases, often with two boxes; SIIM
-~25% pneumothorax; Object-CXR half the images with 1-4 foreign objects; COVIDx three classes;
+~25% pneumothorax; Object-CXR half the images with 1-4 foreign objects (and, as the challenge
+annotated only objects within the lung field and no support devices, objects elsewhere and devices
+drawn unannotated: see ``write_object_cxr``); COVIDx three classes;
 NIH every one of its 14 labels at >= ~5% so that small splits still have positives; IU X-ray is
 mostly normal outpatient PA films. Drawn findings are correlated a little (see
 :data:`CORRELATIONS`), as in real populations.
@@ -143,8 +145,8 @@ PROFILES: dict[str, FindingProfile] = {
     ),
     "object_cxr": FindingProfile(
         name="object_cxr",
-        prevalence={"foreign_object": 0.5, "cardiomegaly": 0.06, "effusion": 0.05, "atelectasis": 0.04,
-                    "consolidation": 0.04, "nodule": 0.03, "pleural_thickening": 0.02},
+        prevalence={"foreign_object": 0.5, "support_devices": 0.12, "cardiomegaly": 0.06, "effusion": 0.05,
+                    "atelectasis": 0.04, "consolidation": 0.04, "nodule": 0.03, "pleural_thickening": 0.02},
         max_findings=3, uncertain_rate=0.08, negation_rate=0.5,
         views={"PA": 1.0}, lesion_counts={"foreign_object": (1, 4), "nodule": (1, 2)},
     ),

@@ -6,6 +6,12 @@ sizes; counts scaled down, dev numbering kept from 08001), ``train.csv`` with th
 name. Annotations: ``0 x1 y1 x2 y2`` rectangle, ``1 x1 y1 x2 y2`` ellipse, ``2 x1 y1 ... xn yn``
 polygon, objects joined by ``;``, empty for an image without foreign objects. Half the images of
 each split have objects, and the first train image holds all three shape types.
+
+As in the challenge's annotation rules, only foreign objects "presented within the lung field" are
+annotated (at least half of the object's pixels on the lung fields) and support devices are drawn but
+never annotated: an image "without foreign objects" can still show a button over the mediastinum, a
+pendant at the neck or an ECG lead, so a detector has to know where the lungs are and what a device
+looks like, not only find bright metal.
 """
 from __future__ import annotations
 
@@ -20,7 +26,15 @@ from bench.data.synth.case import DrawnCase, Lesion
 
 log = logging.getLogger(__name__)
 
+#: 2: only objects within the lung field are annotated; objects outside it and support devices are
+#: drawn unannotated, in positive and negative images (was: every object annotated, no devices).
+VERSION = 2
+
 FINDING = "foreign_object"
+#: An object is "within the lung field" when at least this share of its pixels lies on the lungs.
+IN_LUNG_FIELD = 0.5
+#: Share of the negative images' draws that may carry (unannotated) objects outside the lung field.
+NEGATIVE_OBJECT_RATE = 0.6
 TYPE_CODES = {"rectangle": "0", "ellipse": "1", "polygon": "2"}
 #: scale -> (train images, dev images, (min side, max side)). Real images are ~2000-3000 px. ``bench``
 #: has a dev (test) set of 1,000 images as the real one, so object-cxr-det's CIs separate encoders.
@@ -34,9 +48,15 @@ DEV_FIRST = 8001
 JPEG_QUALITY = 95
 
 
-def objects(case: DrawnCase) -> list[Lesion]:
-    """The annotated foreign objects of a case (lesions with a shape)."""
+def drawn_objects(case: DrawnCase) -> list[Lesion]:
+    """Every foreign object drawn on a case, annotated or not (lesions with a shape)."""
     return [lesion for lesion in case.lesions if lesion.finding == FINDING and lesion.shape is not None]
+
+
+def objects(case: DrawnCase) -> list[Lesion]:
+    """The annotated foreign objects of a case: those presented within the lung field."""
+    return [lesion for lesion in drawn_objects(case)
+            if lesion.lung_fraction is not None and lesion.lung_fraction >= IN_LUNG_FIELD]
 
 
 def annotation(case: DrawnCase) -> str:
@@ -49,12 +69,17 @@ def annotation(case: DrawnCase) -> str:
 
 
 def _draw(rng: np.random.Generator, n: int, sides: tuple[int, int]) -> list[DrawnCase]:
-    """n cases, alternately with and without foreign objects (first: all three shape kinds)."""
+    """n cases, alternately with and without annotated foreign objects (first: all three shape kinds).
+    Negative images are drawn from a profile that may place objects, and kept only when none of
+    them lies within the lung field."""
+    from dataclasses import replace
+
     from bench.data.synth.generate import draw_until, sample_case
     from bench.data.synth.profiles import PROFILES
 
     base = PROFILES["object_cxr"]
-    profiles = {True: base.forcing(present={FINDING}), False: base.forcing(absent={FINDING})}
+    negative = replace(base, prevalence={**base.prevalence, FINDING: NEGATIVE_OBJECT_RATE})
+    profiles = {True: base.forcing(present={FINDING}), False: negative}
     all_kinds = set(TYPE_CODES)
     cases = []
     for i in range(n):
