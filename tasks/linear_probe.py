@@ -12,8 +12,8 @@ best-validation-loss head scores the test set.
   (cached) features, as MGCA evaluates on plain images. The augmentation is MGCA-*style*, not
   MGCA-exact (see :data:`LINEAR_PROBE_ANCHOR_DIFFERENCES`).
 
-``tiny`` differs from MGCA in lr (1e-2) and batch (64): random-init features are small (pooled
-values ~0.05) and a tiny run has few steps, so lr 5e-4 barely moves the head off its prior.
+``tiny`` differs from MGCA in lr (1e-2) and batch (64): a tiny encoder's pooled features can be
+small (~0.05) and a tiny run has few steps, so lr 5e-4 barely moves the head off its prior.
 ``tiny`` also standardizes the features (``standardize``): each dimension is shifted and scaled
 by the mean and standard deviation of the *training* features (validation and test reuse them),
 as MAE's linear probe does with a BatchNorm without affine parameters before the head. A tiny
