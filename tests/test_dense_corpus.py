@@ -88,7 +88,7 @@ def test_a_dataset_whose_version_is_bumped_is_regenerated_alone(tmp_path, sized_
 
 def test_the_grown_datasets_declare_their_sizes():
     # a dataset grown after corpora were cached must say so, or the cached, smaller copy is read on
-    assert write_siim.n_cases("bench") == 4000 and write_object_cxr.n_cases("bench") == 3000
+    assert write_siim.n_cases("bench") == 12047 and write_object_cxr.n_cases("bench") == 3000   # SIIM: real size
     assert write_rsna.n_cases("bench") == 26684     # the real stage-2 training set: MGCA's 4,003 test patients
     for scale in corpus_mod.SCALES:
         assert write_siim.n_cases(scale) == write_siim.SCALES[scale][0]
